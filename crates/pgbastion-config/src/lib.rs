@@ -1,0 +1,136 @@
+//! pgbastion's configuration: the TOML model, its validation and secret references.
+//!
+//! Owns: every configuration key, its type and default, and the rules that make a config valid.
+//! Loading is pure (text in, `Config` or every problem out); reading secret files or environment
+//! variables is a separate, explicit step (`SecretSource::resolve`).
+//! Must not depend on any other pgbastion crate.
+
+mod duration;
+mod locate;
+mod model;
+mod secret;
+mod validate;
+
+pub use model::*;
+pub use secret::{Secret, SecretError};
+pub use validate::{Problem, Problems};
+
+/// Parses and validates a configuration. Every problem is reported with its key path and line.
+pub fn parse(text: &str) -> Result<Config, Problems> {
+    let config: Config = match toml::from_str(text) {
+        Ok(config) => config,
+        Err(err) => {
+            let line = err.span().map(|span| locate::line_of_offset(text, span.start));
+            return Err(Problems(vec![Problem {
+                path: String::new(),
+                line,
+                message: err.message().trim().to_string(),
+            }]));
+        }
+    };
+    let mut problems = validate::validate(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        for problem in &mut problems {
+            problem.line = locate::line_of_path(text, &problem.path);
+        }
+        Err(Problems(problems))
+    }
+}
+
+/// Reads and parses a configuration file.
+pub fn load(path: &std::path::Path) -> Result<Config, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        Problems(vec![Problem {
+            path: String::new(),
+            line: None,
+            message: format!("cannot read {}: {err}", path.display()),
+        }])
+    })?;
+    parse(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[listen]
+address = "127.0.0.1:6432"
+allow_plaintext = true
+
+[[issuers]]
+issuer = "https://idp.example.com"
+audiences = ["pgbastion"]
+
+[upstream]
+host = "127.0.0.1"
+tls = "disable"
+
+[upstream.roles.analyst]
+password_env = "ANALYST_PASSWORD"
+
+[[mappings]]
+name = "analysts"
+groups_any = ["analysts"]
+role = "analyst"
+databases = ["app"]
+"#;
+
+    #[test]
+    fn a_minimal_config_parses_with_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.issuers[0].user_claim, "preferred_username");
+        assert_eq!(config.issuers[0].leeway, std::time::Duration::from_secs(60));
+        assert_eq!(config.session.on_token_expiry, OnTokenExpiry::Disconnect);
+        assert_eq!(config.client.max_password_bytes, 65536);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let text = MINIMAL.replace("tls = \"disable\"", "tls = \"disable\"\nhots = \"x\"");
+        let problems = parse(&text).unwrap_err();
+        let shown = problems.to_string();
+        assert!(shown.contains("unknown field `hots`"), "{shown}");
+        assert!(shown.starts_with("line 13"), "{shown}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_key_paths() {
+        let text = MINIMAL
+            .replace("address = \"127.0.0.1:6432\"", "address = \"0.0.0.0:6432\"")
+            .replace("audiences = [\"pgbastion\"]", "audiences = []\nalgorithms = [\"HS256\"]")
+            .replace("role = \"analyst\"", "role = \"nobody\"");
+        let problems = parse(&text).unwrap_err();
+        let paths: Vec<_> = problems.0.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "listen.allow_plaintext",
+                "issuers[0].audiences",
+                "issuers[0].algorithms[0]",
+                "mappings[0].role"
+            ]
+        );
+        assert!(problems.0.iter().all(|p| p.line.is_some()), "{problems}");
+        assert!(problems.to_string().contains("line 4: listen.allow_plaintext"), "{problems}");
+    }
+
+    #[test]
+    fn http_issuers_are_refused_unless_on_loopback() {
+        let text = MINIMAL.replace("https://idp.example.com", "http://idp.example.com");
+        let problems = parse(&text).unwrap_err();
+        assert_eq!(problems.0[0].path, "issuers[0].issuer");
+        let text = MINIMAL.replace("https://idp.example.com", "http://127.0.0.1:8080");
+        parse(&text).unwrap();
+    }
+
+    #[test]
+    fn durations_are_written_the_human_way() {
+        let text = MINIMAL.replace("audiences = [\"pgbastion\"]", "audiences = [\"pgbastion\"]\nleeway = \"2m\"");
+        assert_eq!(parse(&text).unwrap().issuers[0].leeway, std::time::Duration::from_secs(120));
+        let text = MINIMAL.replace("audiences = [\"pgbastion\"]", "audiences = [\"pgbastion\"]\nleeway = \"soon\"");
+        assert!(parse(&text).unwrap_err().to_string().contains("invalid duration 'soon'"));
+    }
+}

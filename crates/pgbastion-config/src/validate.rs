@@ -1,0 +1,215 @@
+//! Semantic checks of a parsed config. Every problem is collected, none stops the others.
+
+use crate::model::*;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+/// Signature algorithms pgbastion can accept. `none` and HMAC are deliberately absent: a
+/// shared-secret token could be forged by anyone holding the secret.
+pub const ASYMMETRIC_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+/// One thing wrong with a config, located by key path and (when known) line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.path.is_empty()) {
+            (Some(line), false) => write!(f, "line {line}: {}: {}", self.path, self.message),
+            (Some(line), true) => write!(f, "line {line}: {}", self.message),
+            (None, false) => write!(f, "{}: {}", self.path, self.message),
+            (None, true) => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Every problem found in a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+struct Collector(Vec<Problem>);
+
+impl Collector {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            line: None,
+            message: message.into(),
+        });
+    }
+}
+
+pub fn validate(config: &Config) -> Vec<Problem> {
+    let mut out = Collector(Vec::new());
+    listen(config, &mut out);
+    client(&config.client, &mut out);
+    issuers(&config.issuers, &mut out);
+    upstream(&config.upstream, &mut out);
+    mappings(config, &mut out);
+    out.0
+}
+
+fn listen(config: &Config, out: &mut Collector) {
+    let listen = &config.listen;
+    if listen.allow_plaintext && !listen.address.ip().is_loopback() {
+        out.add(
+            "listen.allow_plaintext",
+            format!(
+                "plaintext is only allowed on a loopback address, not {}: tokens would cross the network unencrypted",
+                listen.address.ip()
+            ),
+        );
+    }
+    if config.tls.is_none() && !listen.allow_plaintext {
+        out.add(
+            "tls",
+            "no [tls] certificate is configured and plaintext is not allowed, so no client could connect: add [tls] cert_file and key_file",
+        );
+    }
+}
+
+fn client(client: &Client, out: &mut Collector) {
+    if !(1024..=1024 * 1024).contains(&client.max_password_bytes) {
+        out.add(
+            "client.max_password_bytes",
+            "must be between 1024 and 1048576 (cloud access tokens reach about 7 KB)",
+        );
+    }
+    if client.max_statement_bytes < 1024 {
+        out.add("client.max_statement_bytes", "must be at least 1024");
+    }
+    for (i, name) in client.extra_startup_parameters.iter().enumerate() {
+        if FORBIDDEN_STARTUP_PARAMETERS.contains(&name.to_ascii_lowercase().as_str())
+            || name.starts_with("_pq_")
+        {
+            out.add(
+                format!("client.extra_startup_parameters[{i}]"),
+                format!("'{name}' changes who the session is upstream and can never be passed"),
+            );
+        }
+    }
+}
+
+fn issuers(issuers: &[Issuer], out: &mut Collector) {
+    if issuers.is_empty() {
+        out.add("issuers", "at least one [[issuers]] entry is needed to verify tokens");
+    }
+    let mut seen = BTreeSet::new();
+    for (i, issuer) in issuers.iter().enumerate() {
+        let path = format!("issuers[{i}]");
+        if !seen.insert(issuer.issuer.as_str()) {
+            out.add(format!("{path}.issuer"), format!("issuer '{}' is listed twice", issuer.issuer));
+        }
+        match url::Url::parse(&issuer.issuer) {
+            Ok(url) => {
+                let loopback = match url.host() {
+                    Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+                    Some(url::Host::Domain(d)) => d == "localhost",
+                    None => false,
+                };
+                if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+                    out.add(
+                        format!("{path}.issuer"),
+                        "must be an https:// URL (http:// is accepted only for a loopback address)",
+                    );
+                }
+            }
+            Err(err) => out.add(format!("{path}.issuer"), format!("not a URL: {err}")),
+        }
+        if issuer.audiences.is_empty() || issuer.audiences.iter().any(|a| a.is_empty()) {
+            out.add(
+                format!("{path}.audiences"),
+                "list the audience(s) tokens must be issued for, e.g. [\"pgbastion\"]: without an audience check any token of this issuer would do",
+            );
+        }
+        if issuer.algorithms.is_empty() {
+            out.add(format!("{path}.algorithms"), "must list at least one algorithm");
+        }
+        for (j, alg) in issuer.algorithms.iter().enumerate() {
+            if !ASYMMETRIC_ALGORITHMS.contains(&alg.as_str()) {
+                out.add(
+                    format!("{path}.algorithms[{j}]"),
+                    format!(
+                        "'{alg}' is not accepted; choose from {}",
+                        ASYMMETRIC_ALGORITHMS.join(", ")
+                    ),
+                );
+            }
+        }
+        if issuer.user_claim.is_empty() {
+            out.add(format!("{path}.user_claim"), "must name a claim");
+        }
+    }
+}
+
+fn upstream(upstream: &Upstream, out: &mut Collector) {
+    if upstream.host.is_empty() {
+        out.add("upstream.host", "must not be empty");
+    }
+    if upstream.tls == UpstreamTls::VerifyFull && upstream.ca_file.is_none() {
+        out.add(
+            "upstream.ca_file",
+            "tls = \"verify-full\" needs the CA certificate that signed the upstream's certificate",
+        );
+    }
+    for (role, source) in &upstream.roles {
+        let path = format!("upstream.roles.{role}");
+        match (&source.password_file, &source.password_env) {
+            (Some(_), Some(_)) => out.add(path, "give password_file or password_env, not both"),
+            (None, None) => out.add(path, "give password_file or password_env"),
+            _ => {}
+        }
+    }
+}
+
+fn mappings(config: &Config, out: &mut Collector) {
+    if config.mappings.is_empty() {
+        out.add("mappings", "at least one [[mappings]] rule is needed, or nobody can log in");
+    }
+    let mut names = BTreeSet::new();
+    for (i, mapping) in config.mappings.iter().enumerate() {
+        let path = format!("mappings[{i}]");
+        if !names.insert(mapping.name.as_str()) {
+            out.add(format!("{path}.name"), format!("rule name '{}' is used twice", mapping.name));
+        }
+        if !config.upstream.roles.contains_key(&mapping.role) {
+            out.add(
+                format!("{path}.role"),
+                format!(
+                    "role '{}' has no credential: add [upstream.roles.{}] with password_file or password_env",
+                    mapping.role, mapping.role
+                ),
+            );
+        }
+        if mapping.databases.is_empty() {
+            out.add(format!("{path}.databases"), "list the databases this rule allows, or [\"*\"]");
+        }
+        if let Some(issuer) = &mapping.issuer {
+            if !config.issuers.iter().any(|i| &i.issuer == issuer) {
+                out.add(format!("{path}.issuer"), format!("'{issuer}' is not one of [[issuers]]"));
+            }
+        }
+    }
+}

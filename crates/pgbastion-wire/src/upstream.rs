@@ -1,0 +1,293 @@
+//! Logging in upstream as the mapped role: TCP, optional TLS, StartupMessage with the
+//! client's allowed parameters, then SCRAM-SHA-256, md5 or cleartext password authentication.
+//! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>
+
+use crate::accept::has_pending_bytes;
+use crate::frame::{read_exact_or_closed, read_message, Fields};
+use crate::messages::{error_field, error_fields, raw};
+use crate::stream::{MaybeTls, UpstreamStream};
+use crate::tls::UpstreamTlsMode;
+use crate::WireError;
+use bytes::BytesMut;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use rustls::pki_types::ServerName;
+use std::io;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Where the upstream PostgreSQL is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    pub host: String,
+    pub port: u16,
+    pub tls: UpstreamTlsMode,
+    pub connect_timeout: Duration,
+}
+
+impl UpstreamTarget {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Who to log in as. `parameters` are extra startup parameters (application_name, ...).
+#[derive(Debug, Clone, Copy)]
+pub struct Login<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    pub database: &'a str,
+    pub parameters: &'a [(String, String)],
+}
+
+/// A logged-in upstream connection, ready for queries.
+#[derive(Debug)]
+pub struct UpstreamConnection {
+    pub stream: UpstreamStream,
+    /// ParameterStatus and NoticeResponse messages from the login, as sent, to relay to the client.
+    pub relay: BytesMut,
+    pub pid: i32,
+    pub secret: i32,
+    /// Transaction status from the first ReadyForQuery.
+    pub status: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream PostgreSQL at {address} is unreachable: {source}")]
+    Unreachable { address: String, source: io::Error },
+    #[error("upstream PostgreSQL at {address} did not answer within {timeout:?}")]
+    Timeout { address: String, timeout: Duration },
+    #[error("TLS with upstream PostgreSQL failed: {0}")]
+    Tls(String),
+    /// The upstream answered the login with an ErrorResponse.
+    #[error("upstream PostgreSQL refused the login: {message}")]
+    Refused {
+        sqlstate: String,
+        message: String,
+        /// The ErrorResponse as sent.
+        response: BytesMut,
+    },
+    #[error("authentication with upstream PostgreSQL failed: {0}")]
+    Auth(String),
+    #[error("upstream PostgreSQL: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// Largest message accepted from the upstream during login (ParameterStatus, notices, errors).
+const MAX_LOGIN_MESSAGE: usize = 1024 * 1024;
+
+pub async fn connect(
+    target: &UpstreamTarget,
+    login: Login<'_>,
+) -> Result<UpstreamConnection, UpstreamError> {
+    let timeout = target.connect_timeout;
+    tokio::time::timeout(timeout, connect_inner(target, login))
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::Timeout {
+                address: target.address(),
+                timeout,
+            })
+        })
+}
+
+async fn connect_inner(
+    target: &UpstreamTarget,
+    login: Login<'_>,
+) -> Result<UpstreamConnection, UpstreamError> {
+    let mut stream = open(target).await?;
+    let mut out = BytesMut::new();
+    let mut parameters: Vec<(&str, &str)> = vec![("user", login.user), ("database", login.database)];
+    parameters.extend(login.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    frontend::startup_message(parameters, &mut out).map_err(WireError::from)?;
+    stream.write_all(&out).await.map_err(WireError::from)?;
+    authenticate(&mut stream, login).await?;
+    finish_startup(stream).await
+}
+
+/// TCP connect, then SSLRequest and the TLS handshake when configured.
+async fn open(target: &UpstreamTarget) -> Result<UpstreamStream, UpstreamError> {
+    let address = target.address();
+    let mut tcp = TcpStream::connect(&address)
+        .await
+        .map_err(|source| UpstreamError::Unreachable {
+            address: address.clone(),
+            source,
+        })?;
+    // Small request/response messages: Nagle's delay would add latency to every round trip.
+    tcp.set_nodelay(true).map_err(WireError::from)?;
+    let config = match &target.tls {
+        UpstreamTlsMode::Disable => return Ok(MaybeTls::Plain(tcp)),
+        UpstreamTlsMode::Require(config) | UpstreamTlsMode::VerifyFull(config) => config.clone(),
+    };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await.map_err(WireError::from)?;
+    let mut answer = [0u8; 1];
+    read_exact_or_closed(&mut tcp, &mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(UpstreamError::Tls(format!(
+            "upstream at {address} does not accept TLS connections"
+        )));
+    }
+    // Bytes after 'S' but before the handshake were not protected by TLS (CVE-2021-23222).
+    if has_pending_bytes(&tcp) {
+        return Err(UpstreamError::Tls(
+            "upstream sent unencrypted data after accepting TLS".into(),
+        ));
+    }
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|err| UpstreamError::Tls(format!("invalid host name {}: {err}", target.host)))?;
+    let tls = TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|err| UpstreamError::Tls(err.to_string()))?;
+    Ok(MaybeTls::Tls(Box::new(tls)))
+}
+
+/// Runs the authentication exchange the upstream asks for, up to AuthenticationOk.
+async fn authenticate(stream: &mut UpstreamStream, login: Login<'_>) -> Result<(), UpstreamError> {
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let (tag, body) = read_message(stream, "upstream message", MAX_LOGIN_MESSAGE).await?;
+        match tag {
+            b'E' => return Err(refused(&body)),
+            b'R' => {}
+            other => {
+                return Err(UpstreamError::Auth(format!(
+                    "unexpected message '{}' during authentication",
+                    other.escape_ascii()
+                )))
+            }
+        }
+        let mut fields = Fields::new(&body);
+        let mut out = BytesMut::new();
+        match fields.i32().map_err(UpstreamError::Wire)? {
+            0 => return Ok(()),
+            3 => frontend::password_message(login.password.as_bytes(), &mut out).map_err(WireError::from)?,
+            5 => {
+                let salt: [u8; 4] = fields.take(4)?.try_into().expect("4 bytes");
+                let hash = md5_hash(login.user.as_bytes(), login.password.as_bytes(), salt);
+                frontend::password_message(hash.as_bytes(), &mut out).map_err(WireError::from)?;
+            }
+            10 => {
+                let mut offered = Vec::new();
+                loop {
+                    let mechanism = fields.cstr()?;
+                    if mechanism.is_empty() {
+                        break;
+                    }
+                    offered.push(mechanism);
+                }
+                if !offered.contains(&SCRAM_SHA_256) {
+                    return Err(UpstreamError::Auth(format!(
+                        "upstream offers SASL mechanisms {offered:?}, pgbastion needs SCRAM-SHA-256"
+                    )));
+                }
+                let exchange = ScramSha256::new(login.password.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, exchange.message(), &mut out)
+                    .map_err(WireError::from)?;
+                scram = Some(exchange);
+            }
+            11 => {
+                let exchange = scram
+                    .as_mut()
+                    .ok_or_else(|| UpstreamError::Auth("SASL continue without SASL start".into()))?;
+                exchange
+                    .update(fields.remaining())
+                    .map_err(|err| UpstreamError::Auth(format!("SCRAM: {err}")))?;
+                frontend::sasl_response(exchange.message(), &mut out).map_err(WireError::from)?;
+            }
+            12 => {
+                // Verifies the server's signature: the upstream proves it knows the password too.
+                let exchange = scram
+                    .as_mut()
+                    .ok_or_else(|| UpstreamError::Auth("SASL final without SASL start".into()))?;
+                exchange
+                    .finish(fields.remaining())
+                    .map_err(|err| UpstreamError::Auth(format!("SCRAM server signature: {err}")))?;
+                continue;
+            }
+            code => {
+                return Err(UpstreamError::Auth(format!(
+                    "upstream asks for authentication method {code}, which pgbastion does not support (use scram-sha-256, md5 or password)"
+                )))
+            }
+        }
+        stream.write_all(&out).await.map_err(WireError::from)?;
+    }
+}
+
+/// After AuthenticationOk: collect ParameterStatus, notices and BackendKeyData up to ReadyForQuery.
+async fn finish_startup(mut stream: UpstreamStream) -> Result<UpstreamConnection, UpstreamError> {
+    let mut relay = BytesMut::new();
+    let mut key = None;
+    loop {
+        let (tag, body) = read_message(&mut stream, "upstream message", MAX_LOGIN_MESSAGE).await?;
+        match tag {
+            b'S' | b'N' => raw(tag, &body, &mut relay),
+            b'K' => {
+                let mut fields = Fields::new(&body);
+                key = Some((fields.i32()?, fields.i32()?));
+            }
+            b'E' => return Err(refused(&body)),
+            b'Z' => {
+                let (pid, secret) = key.ok_or_else(|| {
+                    UpstreamError::Wire(WireError::protocol("upstream sent no BackendKeyData"))
+                })?;
+                return Ok(UpstreamConnection {
+                    stream,
+                    relay,
+                    pid,
+                    secret,
+                    status: body.first().copied().unwrap_or(b'I'),
+                });
+            }
+            other => {
+                return Err(UpstreamError::Wire(WireError::protocol(format!(
+                    "unexpected message '{}' after authentication",
+                    other.escape_ascii()
+                ))))
+            }
+        }
+    }
+}
+
+fn refused(body: &[u8]) -> UpstreamError {
+    let fields = error_fields(body).unwrap_or_default();
+    let mut response = BytesMut::new();
+    raw(b'E', body, &mut response);
+    UpstreamError::Refused {
+        sqlstate: error_field(&fields, b'C').unwrap_or("").to_string(),
+        message: error_field(&fields, b'M').unwrap_or("").to_string(),
+        response,
+    }
+}
+
+/// Sends a CancelRequest for (pid, secret) on a fresh connection, over TLS when configured.
+/// <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-CANCELING-REQUESTS>
+pub async fn cancel(target: &UpstreamTarget, pid: i32, secret: i32) -> Result<(), UpstreamError> {
+    let work = async {
+        let mut stream = open(target).await?;
+        let mut out = BytesMut::new();
+        frontend::cancel_request(pid, secret, &mut out);
+        stream.write_all(&out).await.map_err(WireError::from)?;
+        stream.flush().await.map_err(WireError::from)?;
+        // The server closes the connection when done; waiting for it keeps the order intact.
+        let mut sink = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await;
+        Ok(())
+    };
+    tokio::time::timeout(target.connect_timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::Timeout {
+                address: target.address(),
+                timeout: target.connect_timeout,
+            })
+        })
+}
