@@ -1,1 +1,114 @@
-fn main(){}
+//! The `pgbastion` binary: command line, logging, signals.
+//! Commands: `serve` (run the proxy), `check` (validate a config), `demo` (everything local).
+
+mod demo;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "pgbastion", version, about = "Identity-aware PostgreSQL proxy: OIDC access tokens as passwords, least-privilege sessions upstream")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration: lists every problem with its key path and line; exit 0 or 1.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL, a development identity provider and the proxy, and print
+    /// how to connect. Ctrl-C removes everything.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config } => serve(config).await,
+            Command::Check { config } => check(config),
+            Command::Demo { listen } => demo::run(listen).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("pgbastion: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> Result<ExitCode> {
+    let config = match pgbastion_config::load(&path) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!("{}: invalid configuration:\n{problems}", path.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let proxy = pgbastion_proxy::Proxy::bind(config).await.context("starting")?;
+    tracing::info!(address = %proxy.local_addr(), "pgbastion listening");
+    proxy.run(shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(path: PathBuf) -> Result<ExitCode> {
+    let config = match pgbastion_config::load(&path) {
+        Ok(config) => config,
+        Err(problems) => {
+            for problem in &problems.0 {
+                println!("{}: {problem}", path.display());
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // Files and secrets the config names must be readable too.
+    if let Err(problem) = pgbastion_proxy::Settings::resolve(config) {
+        println!("{}: {problem}", path.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("{}: configuration is valid", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,188 @@
+//! From a new TCP connection to an authenticated session: TLS, startup checks, the token,
+//! the mapping, the upstream login, and the startup messages the client expects.
+
+use crate::listener::Shared;
+use crate::options;
+use crate::relay::Session;
+use crate::reply::Refusal;
+use bytes::BytesMut;
+use pgbastion_wire::accept::{accept, AcceptSettings, FirstContact, StartupMessage, PROTOCOL_3_0};
+use pgbastion_wire::frame::read_message;
+use pgbastion_wire::messages;
+use pgbastion_wire::stream::ClientStream;
+use pgbastion_wire::upstream::{self, Login};
+use pgbastion_wire::WireError;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// PostgreSQL's own cap on startup packets (MAX_STARTUP_PACKET_LENGTH).
+const MAX_STARTUP_PACKET: usize = 10_000;
+
+type Refused = (Option<ClientStream>, Refusal);
+
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, conn: u64) {
+    // Request/response traffic: Nagle's algorithm would delay every small reply.
+    let _ = tcp.set_nodelay(true);
+    match handshake(&shared, tcp, conn).await {
+        Ok(Some(session)) => session.run().await,
+        Ok(None) => {}
+        Err((stream, refusal)) => {
+            tracing::info!(reason = refusal.reason(), detail = ?refusal, "connection refused");
+            if let Some(mut stream) = stream {
+                let mut out = BytesMut::new();
+                refusal.encode(&mut out);
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
+            }
+        }
+    }
+}
+
+async fn handshake(shared: &Arc<Shared>, tcp: TcpStream, conn: u64) -> Result<Option<Session>, Refused> {
+    let settings = &shared.settings;
+    let deadline = settings.config.client.auth_timeout;
+    let accept_settings = AcceptSettings {
+        tls: settings.client_tls.clone(),
+        max_startup_packet: MAX_STARTUP_PACKET,
+    };
+    let first = tokio::time::timeout(deadline, accept(tcp, &accept_settings))
+        .await
+        .map_err(|_| (None, Refusal::Protocol("timed out waiting for the startup packet".into())))?
+        .map_err(|err| {
+            let refusal = match &err.error {
+                WireError::Protocol(message) if message.starts_with("unsupported frontend protocol") => {
+                    Refusal::UnsupportedProtocol(message.clone())
+                }
+                _ => Refusal::from(err.error),
+            };
+            (err.stream, refusal)
+        })?;
+    let (mut stream, startup) = match first {
+        FirstContact::Cancel { pid, secret } => {
+            forward_cancel(shared, pid, secret).await;
+            return Ok(None);
+        }
+        FirstContact::Startup { stream, startup } => (stream, startup),
+    };
+    if !stream.is_tls() && !settings.config.listen.allow_plaintext {
+        return Err((Some(stream), Refusal::PlaintextNotAllowed));
+    }
+    let Some(user) = startup.get("user").map(str::to_string) else {
+        return Err((Some(stream), Refusal::NoUser));
+    };
+    let database = startup.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
+    let parameters = match options::filter(&startup.parameters, &settings.startup_parameters) {
+        Ok(parameters) => parameters,
+        Err(message) => return Err((Some(stream), Refusal::StartupParameter(message))),
+    };
+    let mut out = BytesMut::new();
+    negotiate_version(&startup, &mut out);
+    messages::auth_cleartext_password(&mut out);
+    let token = match tokio::time::timeout(deadline, request_password(&mut stream, &out, settings.config.client.max_password_bytes)).await {
+        Ok(Ok(token)) => token,
+        Ok(Err(WireError::Closed)) => {
+            // psql first connects without a password, then asks for one and reconnects.
+            tracing::debug!("client closed the connection at the password prompt");
+            return Ok(None);
+        }
+        Ok(Err(err)) => return Err((Some(stream), Refusal::from(err))),
+        Err(_) => return Err((Some(stream), Refusal::Protocol("timed out waiting for the password (access token)".into()))),
+    };
+    let identity = match shared.verifier.verify(&token, &user).await {
+        Ok(identity) => identity,
+        Err(err) => return Err((Some(stream), Refusal::Auth(err))),
+    };
+    drop(token);
+    let grant = match shared.mapper.map(&identity, &database) {
+        Ok(grant) => grant,
+        Err(err) => return Err((Some(stream), Refusal::Mapping(err))),
+    };
+    let Some(password) = settings.role_passwords.get(&grant.role) else {
+        tracing::error!(role = %grant.role, "no credential for mapped role");
+        return Err((Some(stream), Refusal::Internal { conn }));
+    };
+    let login = Login {
+        user: &grant.role,
+        password: password.expose(),
+        database: &database,
+        parameters: &parameters,
+    };
+    let upstream = match upstream::connect(&settings.upstream, login).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::warn!(role = %grant.role, error = %error, "upstream login failed");
+            return Err((Some(stream), Refusal::Upstream { role: grant.role.clone(), error }));
+        }
+    };
+    tracing::info!(
+        user = %identity.user,
+        subject = %identity.subject,
+        issuer = %identity.issuer,
+        rule = %grant.rule,
+        role = %grant.role,
+        database = %database,
+        tls = stream.tls_version().unwrap_or("none"),
+        "session started"
+    );
+    let cancel = shared.cancels.register(upstream.pid, upstream.secret);
+    let mut out = BytesMut::with_capacity(512);
+    messages::auth_ok(&mut out);
+    // The upstream's real ParameterStatus values (server_version, session_authorization, ...)
+    // and any startup notices, exactly as sent.
+    out.extend_from_slice(&upstream.relay);
+    messages::backend_key_data(cancel.pid, cancel.secret, &mut out);
+    messages::ready_for_query(upstream.status, &mut out);
+    if let Err(err) = stream.write_all(&out).await {
+        tracing::debug!(error = %err, "client went away during startup");
+        return Ok(None);
+    }
+    Ok(Some(Session {
+        conn,
+        client: stream,
+        upstream: upstream.stream,
+        upstream_key: (upstream.pid, upstream.secret),
+        identity,
+        grant,
+        cancel,
+        shared: shared.clone(),
+    }))
+}
+
+/// A newer protocol minor version or `_pq_.` options: say what we speak (3.0) and continue.
+fn negotiate_version(startup: &StartupMessage, out: &mut BytesMut) {
+    let unknown: Vec<String> = startup
+        .parameters
+        .iter()
+        .filter(|(name, _)| name.starts_with("_pq_."))
+        .map(|(name, _)| name.clone())
+        .collect();
+    if startup.minor > 0 || !unknown.is_empty() {
+        messages::negotiate_protocol_version(PROTOCOL_3_0, unknown, out);
+    }
+}
+
+async fn request_password(stream: &mut ClientStream, request: &[u8], max: usize) -> Result<String, WireError> {
+    stream.write_all(request).await?;
+    let (tag, body) = read_message(stream, "password message", max).await?;
+    if tag != b'p' {
+        return Err(WireError::protocol(format!(
+            "expected a password message, got message type '{}'",
+            tag.escape_ascii()
+        )));
+    }
+    messages::password(&body).map(str::to_string)
+}
+
+async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
+    match shared.cancels.lookup(pid, secret) {
+        Some((upstream_pid, upstream_secret)) => {
+            if let Err(err) = upstream::cancel(&shared.settings.upstream, upstream_pid, upstream_secret).await {
+                tracing::warn!(error = %err, "forwarding a cancel request failed");
+            } else {
+                tracing::info!(pid, "cancel request forwarded upstream");
+            }
+        }
+        None => tracing::info!(pid, "cancel request with an unknown key ignored"),
+    }
+}

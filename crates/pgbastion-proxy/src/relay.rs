@@ -1,0 +1,526 @@
+//! The relay of an authenticated session: client to upstream and upstream to client, run as
+//! two independent directions in one task so neither can block the other.
+//!
+//! Bytes are forwarded as they are; only Query, Parse and FunctionCall are held whole and
+//! decided before forwarding. A denied request is replaced upstream by a statement that fails
+//! to parse (a "sentinel"), and the sentinel's error is replaced by the denial on its way back.
+//! That keeps responses in order under pipelining and leaves the upstream's transaction state
+//! exactly as a real error would (failed inside a transaction block, until ROLLBACK).
+
+use crate::cancel::CancelKey;
+use crate::listener::Shared;
+use crate::reply::Refusal;
+use bytes::{Buf, BytesMut};
+use pgbastion_auth::{Grant, Identity};
+use pgbastion_config::OnTokenExpiry;
+use pgbastion_policy::{decide, Decision, Principal, Request};
+use pgbastion_wire::frame::{header, HEADER_LEN};
+use pgbastion_wire::messages::{self, Report, Severity};
+use pgbastion_wire::stream::{ClientStream, UpstreamStream};
+use pgbastion_wire::{codes, upstream};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::Instant;
+
+/// Messages up to this size are handled whole; larger ones (big rows, COPY data, bytea
+/// parameters) stream through without being buffered entirely.
+const WHOLE_MESSAGE: usize = 64 * 1024;
+const READ_BUFFER: usize = 16 * 1024;
+
+pub(crate) struct Session {
+    pub conn: u64,
+    pub client: ClientStream,
+    pub upstream: UpstreamStream,
+    pub upstream_key: (i32, i32),
+    pub identity: Identity,
+    pub grant: Grant,
+    pub cancel: CancelKey,
+    pub shared: Arc<Shared>,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum Ended {
+    ClientTerminated,
+    ClientGone,
+    UpstreamClosed,
+    Refused(Refusal),
+}
+
+/// A denial on its way: the sentinel's error, arriving before ReadyForQuery number `group`,
+/// is replaced by `report`.
+struct PendingDenial {
+    group: u64,
+    report: Report,
+}
+
+/// What the two directions share.
+#[derive(Default)]
+struct Ledger {
+    denials: VecDeque<PendingDenial>,
+    /// Messages forwarded upstream that each end with one ReadyForQuery (Query, Sync, FunctionCall).
+    sent: u64,
+    /// ReadyForQuery messages received.
+    ready: u64,
+}
+
+impl Session {
+    pub async fn run(self) {
+        let Session {
+            conn,
+            client,
+            upstream,
+            upstream_key,
+            identity,
+            grant,
+            cancel,
+            shared,
+        } = self;
+        let started = Instant::now();
+        let (client_read, mut client_write) = tokio::io::split(client);
+        let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
+        let ledger = Mutex::new(Ledger::default());
+        let sentinel = format!("pgbastion_denied_{:016x}", rand::random::<u64>());
+        let config = &shared.settings.config;
+        let expiry = Expiry::new(identity.expires_at, config.session.on_token_expiry, config.session.expiry_warning, shared.settings.config.issuers.iter().find(|i| i.issuer == identity.issuer).map(|i| i.leeway).unwrap_or_default());
+        let ended = {
+            let mut to_upstream = ClientToUpstream {
+                client: client_read,
+                upstream: &mut upstream_write,
+                ledger: &ledger,
+                sentinel: &sentinel,
+                principal: Principal {
+                    user: &identity.user,
+                    role: &grant.role,
+                    policy: &grant.policy,
+                },
+                max_statement: config.client.max_statement_bytes,
+                passthrough: 0,
+                skipping: false,
+            };
+            let mut to_client = UpstreamToClient {
+                upstream: upstream_read,
+                client: &mut client_write,
+                ledger: &ledger,
+                sentinel: &sentinel,
+                passthrough: 0,
+                expiry,
+            };
+            tokio::select! {
+                ended = to_upstream.run() => ended,
+                ended = to_client.run() => ended,
+            }
+        };
+        let busy = {
+            let ledger = ledger.lock().expect("ledger lock");
+            ledger.sent > ledger.ready
+        };
+        match &ended {
+            Ended::Refused(refusal) => {
+                let mut out = BytesMut::new();
+                refusal.encode(&mut out);
+                let _ = client_write.write_all(&out).await;
+                let _ = client_write.flush().await;
+            }
+            Ended::ClientGone if busy => {
+                // The client vanished mid-statement: without a cancel the upstream would run
+                // the statement to its end before noticing.
+                let target = shared.settings.upstream.clone();
+                tokio::spawn(async move {
+                    let _ = upstream::cancel(&target, upstream_key.0, upstream_key.1).await;
+                });
+            }
+            _ => {}
+        }
+        let _ = client_write.shutdown().await;
+        let _ = upstream_write.shutdown().await;
+        drop(cancel);
+        tracing::info!(
+            ended = ?ended,
+            seconds = started.elapsed().as_secs_f64(),
+            "session ended"
+        );
+        let _ = conn;
+    }
+}
+
+struct ClientToUpstream<'a> {
+    client: ReadHalf<ClientStream>,
+    upstream: &'a mut WriteHalf<UpstreamStream>,
+    ledger: &'a Mutex<Ledger>,
+    sentinel: &'a str,
+    principal: Principal<'a>,
+    max_statement: usize,
+    /// Bytes of a large message still to stream through.
+    passthrough: usize,
+    /// After a denied Parse: the upstream would skip to Sync, so the client's messages are dropped until Sync.
+    skipping: bool,
+}
+
+impl ClientToUpstream<'_> {
+    async fn run(&mut self) -> Ended {
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        loop {
+            match self.client.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Ended::ClientGone,
+                Ok(_) => {}
+            }
+            match self.process(&mut buf).await {
+                Ok(None) => {}
+                Ok(Some(ended)) => return ended,
+                Err(_) => return Ended::UpstreamClosed,
+            }
+            if buf.capacity() < READ_BUFFER {
+                buf.reserve(READ_BUFFER);
+            }
+        }
+    }
+
+    /// Forwards or decides every complete message in `buf`; returns how the session ends, if it does.
+    async fn process(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Ended>> {
+        // buf[..ready] is verbatim traffic waiting to be written upstream in one go.
+        let mut ready = 0;
+        loop {
+            if self.passthrough > 0 {
+                let n = self.passthrough.min(buf.len() - ready);
+                if n == 0 {
+                    break;
+                }
+                self.passthrough -= n;
+                if self.skipping {
+                    self.flush_ready(buf, &mut ready).await?;
+                    buf.advance(n);
+                } else {
+                    ready += n;
+                }
+                continue;
+            }
+            let (tag, total) = match header(&buf[ready..]) {
+                Ok(Some(found)) => found,
+                Ok(None) => break,
+                Err(err) => return Ok(Some(Ended::Refused(Refusal::from(err)))),
+            };
+            let available = buf.len() - ready;
+            let inspect = matches!(tag, b'Q' | b'P' | b'F');
+            if inspect && total - HEADER_LEN > self.max_statement {
+                return Ok(Some(Ended::Refused(Refusal::StatementTooLarge {
+                    size: total - HEADER_LEN,
+                    limit: self.max_statement,
+                })));
+            }
+            if available < total {
+                if inspect || total <= WHOLE_MESSAGE {
+                    buf.reserve(total - available);
+                    break;
+                }
+                // A large Bind or CopyData: stream it.
+                if !matches!(tag, b'B' | b'd' | b'E' | b'D' | b'C') {
+                    return Ok(Some(Ended::Refused(Refusal::Protocol(format!(
+                        "unexpected message type '{}'",
+                        tag.escape_ascii()
+                    )))));
+                }
+                self.passthrough = total;
+                continue;
+            }
+            if self.skipping && !matches!(tag, b'S' | b'X') {
+                self.flush_ready(buf, &mut ready).await?;
+                buf.advance(total);
+                continue;
+            }
+            match tag {
+                b'Q' | b'P' | b'F' => {
+                    let body = &buf[ready + HEADER_LEN..ready + total];
+                    match self.decide(tag, body) {
+                        Ok(()) => {
+                            if tag != b'P' {
+                                self.ledger.lock().expect("ledger lock").sent += 1;
+                            }
+                            ready += total;
+                        }
+                        Err(report) => {
+                            self.flush_ready(buf, &mut ready).await?;
+                            buf.advance(total);
+                            self.deny(tag, report).await?;
+                        }
+                    }
+                }
+                b'S' => {
+                    self.skipping = false;
+                    self.ledger.lock().expect("ledger lock").sent += 1;
+                    ready += total;
+                }
+                b'X' => {
+                    ready += total;
+                    self.flush_ready(buf, &mut ready).await?;
+                    return Ok(Some(Ended::ClientTerminated));
+                }
+                b'B' | b'E' | b'D' | b'C' | b'H' | b'd' | b'c' | b'f' => ready += total,
+                other => {
+                    return Ok(Some(Ended::Refused(Refusal::Protocol(format!(
+                        "unexpected message type '{}'",
+                        other.escape_ascii()
+                    )))))
+                }
+            }
+        }
+        self.flush_ready(buf, &mut ready).await?;
+        self.upstream.flush().await?;
+        Ok(None)
+    }
+
+    async fn flush_ready(&mut self, buf: &mut BytesMut, ready: &mut usize) -> std::io::Result<()> {
+        if *ready > 0 {
+            self.upstream.write_all(&buf[..*ready]).await?;
+            buf.advance(*ready);
+            *ready = 0;
+        }
+        Ok(())
+    }
+
+    /// The policy's verdict on a Query, Parse or FunctionCall; Err holds the client's error.
+    fn decide(&self, tag: u8, body: &[u8]) -> Result<(), Report> {
+        let request = match tag {
+            b'Q' => messages::query_text(body).map(Request::Query),
+            b'P' => messages::parse_message(body).map(|p| Request::Parse {
+                statement: p.statement,
+                query: p.query,
+            }),
+            _ => messages::function_call_oid(body).map(|oid| Request::FunctionCall { oid }),
+        };
+        let request = request.map_err(|err| {
+            Report::new(
+                Severity::Error,
+                codes::INSUFFICIENT_PRIVILEGE,
+                format!("pgbastion could not analyse this statement, so it was not run: {err}"),
+            )
+            .hint("statements must be valid UTF-8; set client_encoding to UTF8")
+        })?;
+        match decide(&self.principal, &request) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(denial) => {
+                tracing::info!(policy = %denial.policy, rule = %denial.rule, reason = %denial.reason, "statement denied");
+                let mut report = Report::new(Severity::Error, codes::INSUFFICIENT_PRIVILEGE, denial.message())
+                    .detail(format!("rule: {}", denial.rule));
+                if let Some(hint) = denial.hint {
+                    report = report.hint(hint);
+                }
+                Err(report)
+            }
+        }
+    }
+
+    /// Sends the sentinel in place of the denied message and records the denial.
+    async fn deny(&mut self, tag: u8, report: Report) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            let group = ledger.sent;
+            ledger.denials.push_back(PendingDenial { group, report });
+            match tag {
+                b'P' => {
+                    // Same statement name, so a later Bind of it fails as it would have.
+                    let mut body = BytesMut::new();
+                    body.extend_from_slice(b"\0");
+                    body.extend_from_slice(self.sentinel.as_bytes());
+                    body.extend_from_slice(b"\0\0\0");
+                    messages::raw(b'P', &body, &mut out);
+                    // The upstream now skips to Sync; so do we with the client's messages.
+                    self.skipping = true;
+                }
+                _ => {
+                    let mut body = self.sentinel.as_bytes().to_vec();
+                    body.push(0);
+                    messages::raw(b'Q', &body, &mut out);
+                    ledger.sent += 1;
+                }
+            }
+        }
+        self.upstream.write_all(&out).await
+    }
+}
+
+struct UpstreamToClient<'a> {
+    upstream: ReadHalf<UpstreamStream>,
+    client: &'a mut WriteHalf<ClientStream>,
+    ledger: &'a Mutex<Ledger>,
+    sentinel: &'a str,
+    passthrough: usize,
+    expiry: Expiry,
+}
+
+impl UpstreamToClient<'_> {
+    async fn run(&mut self) -> Ended {
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        loop {
+            tokio::select! {
+                read = self.upstream.read_buf(&mut buf) => {
+                    match read {
+                        Ok(0) | Err(_) => return Ended::UpstreamClosed,
+                        Ok(_) => {}
+                    }
+                    match self.process(&mut buf).await {
+                        Ok(None) => {}
+                        Ok(Some(ended)) => return ended,
+                        Err(_) => return Ended::ClientGone,
+                    }
+                    if buf.capacity() < READ_BUFFER {
+                        buf.reserve(READ_BUFFER);
+                    }
+                }
+                _ = sleep_until(self.expiry.warn_at) => {
+                    self.expiry.warn_at = None;
+                    self.expiry.warning_due = true;
+                }
+                _ = sleep_until(self.expiry.end_at) => {
+                    self.expiry.end_at = None;
+                    self.expiry.expired = true;
+                }
+            }
+            // Our own messages go out only between whole messages of the upstream's.
+            if self.passthrough == 0 {
+                if self.expiry.expired {
+                    return Ended::Refused(Refusal::TokenExpired);
+                }
+                if self.expiry.warning_due {
+                    self.expiry.warning_due = false;
+                    let mut out = BytesMut::new();
+                    Report::new(
+                        Severity::Warning,
+                        codes::WARNING,
+                        format!(
+                            "the access token of this session expires at {}; the session will then end",
+                            humantime::format_rfc3339_seconds(self.expiry.expires_at)
+                        ),
+                    )
+                    .hint("reconnect with a fresh access token before then")
+                    .encode(&mut out);
+                    if self.client.write_all(&out).await.is_err() || self.client.flush().await.is_err() {
+                        return Ended::ClientGone;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Ended>> {
+        let mut ready = 0;
+        loop {
+            if self.passthrough > 0 {
+                let n = self.passthrough.min(buf.len() - ready);
+                if n == 0 {
+                    break;
+                }
+                self.passthrough -= n;
+                ready += n;
+                continue;
+            }
+            let (tag, total) = match header(&buf[ready..]) {
+                Ok(Some(found)) => found,
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "upstream broke the protocol");
+                    return Ok(Some(Ended::UpstreamClosed));
+                }
+            };
+            let available = buf.len() - ready;
+            let pending = !self.ledger.lock().expect("ledger lock").denials.is_empty();
+            let inspect = tag == b'Z' || (tag == b'E' && pending);
+            if available < total {
+                if inspect || total <= WHOLE_MESSAGE {
+                    buf.reserve(total - available);
+                    break;
+                }
+                self.passthrough = total;
+                continue;
+            }
+            match tag {
+                b'Z' => {
+                    let mut ledger = self.ledger.lock().expect("ledger lock");
+                    let group = ledger.ready;
+                    // A denial whose sentinel was skipped (an earlier error in the same
+                    // pipeline) ends here unanswered, as a skipped message would.
+                    while ledger.denials.front().is_some_and(|d| d.group <= group) {
+                        ledger.denials.pop_front();
+                    }
+                    ledger.ready += 1;
+                    ready += total;
+                }
+                b'E' if inspect => {
+                    let body = &buf[ready + HEADER_LEN..ready + total];
+                    let is_sentinel = messages::error_fields(body).is_ok_and(|fields| {
+                        messages::error_field(&fields, b'C') == Some(codes::SYNTAX_ERROR)
+                            && messages::error_field(&fields, b'M').is_some_and(|m| m.contains(self.sentinel))
+                    });
+                    let replacement = if is_sentinel {
+                        self.ledger.lock().expect("ledger lock").denials.pop_front()
+                    } else {
+                        None
+                    };
+                    match replacement {
+                        Some(denial) => {
+                            if ready > 0 {
+                                self.client.write_all(&buf[..ready]).await?;
+                                buf.advance(ready);
+                                ready = 0;
+                            }
+                            buf.advance(total);
+                            let mut out = BytesMut::new();
+                            denial.report.encode(&mut out);
+                            self.client.write_all(&out).await?;
+                        }
+                        None => ready += total,
+                    }
+                }
+                _ => ready += total,
+            }
+        }
+        if ready > 0 {
+            self.client.write_all(&buf[..ready]).await?;
+            buf.advance(ready);
+        }
+        self.client.flush().await?;
+        Ok(None)
+    }
+}
+
+/// When to warn about and end a session whose token expires.
+struct Expiry {
+    expires_at: SystemTime,
+    warn_at: Option<Instant>,
+    end_at: Option<Instant>,
+    warning_due: bool,
+    expired: bool,
+}
+
+impl Expiry {
+    fn new(expires_at: SystemTime, mode: OnTokenExpiry, warning: std::time::Duration, leeway: std::time::Duration) -> Self {
+        let mut expiry = Expiry {
+            expires_at,
+            warn_at: None,
+            end_at: None,
+            warning_due: false,
+            expired: false,
+        };
+        if mode == OnTokenExpiry::Disconnect {
+            // Tokens are accepted up to `leeway` past `exp` (clock skew), so sessions end then too.
+            let remaining = (expires_at + leeway)
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            let now = Instant::now();
+            expiry.end_at = Some(now + remaining);
+            expiry.warn_at = Some(now + remaining.saturating_sub(warning));
+        }
+        expiry
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+

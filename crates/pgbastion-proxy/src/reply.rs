@@ -1,0 +1,128 @@
+//! The one door to the client: every way a connection can be refused or ended becomes an
+//! ErrorResponse here, with the right SQLSTATE, in one exhaustive match.
+
+use bytes::BytesMut;
+use pgbastion_auth::{AuthError, FailureKind, MappingError};
+use pgbastion_wire::codes;
+use pgbastion_wire::messages::{Report, Severity};
+use pgbastion_wire::upstream::UpstreamError;
+use pgbastion_wire::WireError;
+
+/// Why pgbastion ends a connection.
+#[derive(Debug)]
+pub enum Refusal {
+    PlaintextNotAllowed,
+    NoUser,
+    Protocol(String),
+    UnsupportedProtocol(String),
+    StartupParameter(String),
+    Auth(AuthError),
+    Mapping(MappingError),
+    Upstream { role: String, error: UpstreamError },
+    StatementTooLarge { size: usize, limit: usize },
+    TokenExpired,
+    /// Something that should not happen; details are only in the log, under the connection id.
+    Internal { conn: u64 },
+}
+
+impl From<WireError> for Refusal {
+    fn from(err: WireError) -> Self {
+        match err {
+            WireError::TooLarge { what, size, limit } if what == "statement" => {
+                Refusal::StatementTooLarge { size, limit }
+            }
+            other => Refusal::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl Refusal {
+    /// Appends the FATAL message the client gets.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let fatal = |code, message: String| Report::new(Severity::Fatal, code, message);
+        let report = match self {
+            Refusal::PlaintextNotAllowed => fatal(
+                codes::INVALID_AUTHORIZATION_SPECIFICATION,
+                "pgbastion requires SSL; connect with sslmode=require or stronger".into(),
+            )
+            .hint("the access token is a password: it must not cross the network unencrypted"),
+            Refusal::NoUser => fatal(
+                codes::INVALID_AUTHORIZATION_SPECIFICATION,
+                "no PostgreSQL user name specified in startup packet".into(),
+            ),
+            Refusal::Protocol(message) => fatal(codes::PROTOCOL_VIOLATION, message.clone()),
+            Refusal::UnsupportedProtocol(message) => fatal(codes::FEATURE_NOT_SUPPORTED, message.clone()),
+            Refusal::StartupParameter(message) => fatal(codes::INSUFFICIENT_PRIVILEGE, message.clone())
+                .hint("remove it from the connection string or PGOPTIONS; the session's role and settings come from your identity"),
+            Refusal::Auth(err) => {
+                let code = match err.kind() {
+                    FailureKind::BadToken => codes::INVALID_PASSWORD,
+                    FailureKind::NotAllowed => codes::INVALID_AUTHORIZATION_SPECIFICATION,
+                };
+                let report = fatal(code, err.to_string());
+                match err {
+                    AuthError::NotJwt(_) | AuthError::Expired(_) => {
+                        report.hint("give a fresh OIDC access token from your identity provider as the password")
+                    }
+                    _ => report,
+                }
+            }
+            Refusal::Mapping(err) => fatal(codes::INVALID_AUTHORIZATION_SPECIFICATION, err.to_string()),
+            Refusal::Upstream { role, error } => match error {
+                // The upstream's own refusal (database does not exist, too many connections, ...)
+                // means what it says and is relayed as sent, except a failed login of our own
+                // configured credential: that is pgbastion's misconfiguration, not the client's.
+                UpstreamError::Refused { sqlstate, response, .. } if !sqlstate.starts_with("28") => {
+                    out.extend_from_slice(response);
+                    return;
+                }
+                UpstreamError::Refused { .. } | UpstreamError::Auth(_) => fatal(
+                    codes::CONNECTION_FAILURE,
+                    format!("pgbastion could not log in to the upstream PostgreSQL as role '{role}'"),
+                )
+                .hint("the proxy's credential for this role is wrong or missing upstream; tell the pgbastion operator"),
+                UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => fatal(
+                    codes::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                    "the upstream PostgreSQL is unreachable".into(),
+                )
+                .hint("try again shortly; if it persists, tell the pgbastion operator"),
+                UpstreamError::Tls(_) | UpstreamError::Wire(_) => fatal(
+                    codes::CONNECTION_FAILURE,
+                    "the connection to the upstream PostgreSQL failed".into(),
+                ),
+            },
+            Refusal::StatementTooLarge { size, limit } => fatal(
+                codes::PROGRAM_LIMIT_EXCEEDED,
+                format!("statement of {size} bytes exceeds pgbastion's limit of {limit} bytes"),
+            )
+            .hint("pass large values as parameters of a prepared statement instead of inline"),
+            Refusal::TokenExpired => fatal(
+                codes::INVALID_AUTHORIZATION_SPECIFICATION,
+                "the access token of this session has expired".into(),
+            )
+            .hint("reconnect with a fresh access token"),
+            Refusal::Internal { conn } => fatal(
+                codes::INTERNAL_ERROR,
+                format!("pgbastion internal error (connection {conn})"),
+            ),
+        };
+        report.encode(out);
+    }
+
+    /// A short label for logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::PlaintextNotAllowed => "plaintext_not_allowed",
+            Refusal::NoUser => "no_user",
+            Refusal::Protocol(_) => "protocol",
+            Refusal::UnsupportedProtocol(_) => "unsupported_protocol",
+            Refusal::StartupParameter(_) => "startup_parameter",
+            Refusal::Auth(err) => err.reason(),
+            Refusal::Mapping(_) => "mapping",
+            Refusal::Upstream { .. } => "upstream",
+            Refusal::StatementTooLarge { .. } => "statement_too_large",
+            Refusal::TokenExpired => "token_expired",
+            Refusal::Internal { .. } => "internal",
+        }
+    }
+}

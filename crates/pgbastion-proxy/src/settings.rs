@@ -1,0 +1,70 @@
+//! The configuration resolved for serving: certificates and secrets read, TLS built.
+//! Built once at start; everything a connection needs, ready to use.
+
+use pgbastion_config::{Config, Secret, UpstreamTls, DEFAULT_STARTUP_PARAMETERS};
+use pgbastion_wire::tls::{self, UpstreamTlsMode};
+use pgbastion_wire::upstream::UpstreamTarget;
+use rustls::ServerConfig;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct Settings {
+    pub config: Config,
+    pub client_tls: Option<Arc<ServerConfig>>,
+    pub upstream: UpstreamTarget,
+    pub role_passwords: BTreeMap<String, Secret>,
+    /// Lower-cased names of startup parameters a client may pass upstream.
+    pub startup_parameters: BTreeSet<String>,
+}
+
+impl Settings {
+    /// Reads every file and secret the config names; any failure is reported with its key.
+    pub fn resolve(config: Config) -> Result<Settings, String> {
+        let client_tls = match &config.tls {
+            Some(tls) => {
+                let cert = std::fs::read(&tls.cert_file)
+                    .map_err(|err| format!("tls.cert_file {}: {err}", tls.cert_file.display()))?;
+                let key = std::fs::read(&tls.key_file)
+                    .map_err(|err| format!("tls.key_file {}: {err}", tls.key_file.display()))?;
+                Some(tls::server_config(&cert, &key).map_err(|err| format!("[tls]: {err}"))?)
+            }
+            None => None,
+        };
+        let upstream_tls = match config.upstream.tls {
+            UpstreamTls::Disable => UpstreamTlsMode::Disable,
+            UpstreamTls::Require => tls::upstream_require().map_err(|e| e.to_string())?,
+            UpstreamTls::VerifyFull => {
+                let path = config.upstream.ca_file.as_ref().ok_or("upstream.ca_file is required")?;
+                let pem = std::fs::read(path)
+                    .map_err(|err| format!("upstream.ca_file {}: {err}", path.display()))?;
+                tls::upstream_verify_full(&pem).map_err(|err| format!("upstream.ca_file: {err}"))?
+            }
+        };
+        let upstream = UpstreamTarget {
+            host: config.upstream.host.clone(),
+            port: config.upstream.port,
+            tls: upstream_tls,
+            connect_timeout: config.upstream.connect_timeout,
+        };
+        let mut role_passwords = BTreeMap::new();
+        for (role, source) in &config.upstream.roles {
+            let secret = source
+                .resolve()
+                .map_err(|err| format!("upstream.roles.{role}: {err}"))?;
+            role_passwords.insert(role.clone(), secret);
+        }
+        let startup_parameters = DEFAULT_STARTUP_PARAMETERS
+            .iter()
+            .map(|p| p.to_string())
+            .chain(config.client.extra_startup_parameters.iter().map(|p| p.to_ascii_lowercase()))
+            .collect();
+        Ok(Settings {
+            config,
+            client_tls,
+            upstream,
+            role_passwords,
+            startup_parameters,
+        })
+    }
+}
