@@ -1,1 +1,224 @@
+//! The end-to-end test harness: a real PostgreSQL (initdb into a temp dir, free port, SCRAM),
+//! a real HTTP OIDC issuer on loopback signing real tokens, and the proxy in-process on a free
+//! port. Each test builds its own; nothing is shared, so tests run in parallel.
 
+use anyhow::{Context, Result};
+use pgbastion_config::Config;
+use pgbastion_devkit::{DevIssuer, PgCluster, SelfSigned};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+pub use pgbastion_devkit::issuer::KeyKind;
+
+/// The demo's users, groups and roles, as the harness configures them.
+pub const USERS: &[(&str, &str, &str)] = &[
+    ("alice", "analysts", "analyst"),
+    ("bob", "engineers", "engineer"),
+    ("carol", "dbadmins", "demo_owner"),
+];
+
+#[derive(Debug)]
+pub struct Harness {
+    pub cluster: PgCluster,
+    pub issuer: DevIssuer,
+    pub proxy: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub cert: SelfSigned,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts everything; `tweak` may change the generated config before the proxy starts.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+        Self::try_start(tweak).await.expect("harness starts")
+    }
+
+    async fn try_start(tweak: impl FnOnce(&mut Config)) -> Result<Harness> {
+        let cluster = tokio::task::block_in_place(PgCluster::start).context("PostgreSQL")?;
+        let issuer = DevIssuer::start("pgbastion").await?;
+        let dir = tempfile::tempdir()?;
+        let cert = SelfSigned::localhost()?;
+        cert.write_to(dir.path())?;
+        let mut config = pgbastion_config::parse(&config_text(&dir, &cluster, &issuer)?)
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
+        tweak(&mut config);
+        let proxy = pgbastion_proxy::Proxy::bind(config).await?;
+        let missing = proxy.wait_for_keys(Duration::from_secs(10)).await;
+        anyhow::ensure!(missing.is_empty(), "issuer keys not loaded: {missing:?}");
+        let addr = proxy.local_addr();
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(proxy.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(Harness {
+            cluster,
+            issuer,
+            proxy: addr,
+            dir,
+            cert,
+            stop: Some(stop),
+        })
+    }
+
+    /// A valid one-hour token for a harness user (with its group).
+    pub fn token(&self, user: &str) -> String {
+        let group = USERS
+            .iter()
+            .find(|(u, _, _)| *u == user)
+            .map(|(_, g, _)| *g)
+            .unwrap_or("nobody");
+        self.issuer
+            .token(user, json!({ "groups": [group] }))
+            .expect("signing")
+    }
+
+    /// Claims for a harness user, to modify before signing.
+    pub fn claims(&self, user: &str, lifetime: Duration) -> serde_json::Value {
+        let group = USERS
+            .iter()
+            .find(|(u, _, _)| *u == user)
+            .map(|(_, g, _)| *g)
+            .unwrap_or("nobody");
+        self.issuer.claims(user, lifetime, json!({ "groups": [group] }))
+    }
+
+    pub fn tls(&self) -> MakeRustlsConnect {
+        MakeRustlsConnect::new(client_tls(&self.cert.cert_pem))
+    }
+
+    pub fn connection_string(&self, user: &str, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname={database} sslmode=require",
+            self.proxy.port()
+        )
+    }
+
+    /// Connects through the proxy over TLS with `token` as the password.
+    pub async fn connect(&self, user: &str, token: &str) -> Result<Client, tokio_postgres::Error> {
+        self.connect_db(user, "demo", token).await
+    }
+
+    pub async fn connect_db(
+        &self,
+        user: &str,
+        database: &str,
+        token: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let mut config: tokio_postgres::Config = self.connection_string(user, database).parse()?;
+        config.password(token);
+        let (client, connection) = config.connect(self.tls()).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// The SQLSTATE and message a failed connection attempt got.
+    pub async fn connect_error(&self, user: &str, database: &str, token: &str) -> (String, String) {
+        match self.connect_db(user, database, token).await {
+            Ok(_) => panic!("connection as {user} to {database} should have been refused"),
+            Err(err) => {
+                let db = err
+                    .as_db_error()
+                    .unwrap_or_else(|| panic!("expected a server error, got: {err}"));
+                (db.code().code().to_string(), db.message().to_string())
+            }
+        }
+    }
+
+    /// Path of the proxy's certificate, for psql's sslrootcert.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("server.crt")
+    }
+
+    /// Runs the psql binary through the proxy; returns (success, stdout, stderr).
+    pub fn psql(&self, user: &str, token: &str, sql: &str) -> (bool, String, String) {
+        let bin = pgbastion_devkit::cluster::find_bin().expect("PostgreSQL binaries");
+        let psql = if bin.join("psql").exists() { bin.join("psql") } else { PathBuf::from("psql") };
+        let output = std::process::Command::new(psql)
+            .arg("-X")
+            .arg("-At")
+            .arg(format!(
+                "host=127.0.0.1 port={} user={user} dbname=demo sslmode=verify-full sslrootcert={}",
+                self.proxy.port(),
+                self.ca_file().display()
+            ))
+            .args(["-c", sql])
+            .env("PGPASSWORD", token)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("psql runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+/// A rustls client configuration trusting only `ca_pem`.
+pub fn client_tls(ca_pem: &str) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("PEM")).expect("CA");
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+fn config_text(dir: &tempfile::TempDir, cluster: &PgCluster, issuer: &DevIssuer) -> Result<String> {
+    let mut roles = String::new();
+    let mut mappings = String::new();
+    for (_, group, role) in USERS {
+        let path = dir.path().join(format!("{role}.password"));
+        std::fs::write(&path, cluster.password(role))?;
+        roles.push_str(&format!("\n[upstream.roles.{role}]\npassword_file = \"{}\"\n", path.display()));
+        mappings.push_str(&format!(
+            "\n[[mappings]]\nname = \"{group}\"\ngroups_any = [\"{group}\"]\nrole = \"{role}\"\ndatabases = [\"demo\", \"postgres\"]\n"
+        ));
+    }
+    Ok(format!(
+        r#"
+[listen]
+address = "127.0.0.1:0"
+
+[tls]
+cert_file = "{dir}/server.crt"
+key_file = "{dir}/server.key"
+
+[[issuers]]
+issuer = "{issuer}"
+audiences = ["pgbastion"]
+jwks_min_refetch = "0s"
+
+[upstream]
+host = "127.0.0.1"
+port = {port}
+tls = "disable"
+{roles}{mappings}"#,
+        dir = dir.path().display(),
+        issuer = issuer.issuer(),
+        port = cluster.port,
+    ))
+}
