@@ -1,0 +1,167 @@
+//! The first bytes on the wire: TLS negotiation, plaintext refusal, injected plaintext,
+//! GSSENC then SSL, direct SSL, protocol negotiation and startup parameters.
+
+use integration_tests::{client_tls, Harness};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+
+fn startup(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = vec![0, 3];
+    body.extend_from_slice(&minor.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(body);
+    packet
+}
+
+async fn tls_connect(h: &Harness, tcp: TcpStream, alpn: bool) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut config = client_tls(&h.cert.cert_pem);
+    if alpn {
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await
+}
+
+/// Reads one message: (tag, body).
+async fn read_message<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).await.unwrap();
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).await.unwrap();
+    (head[0], body)
+}
+
+fn field(body: &[u8], code: u8) -> String {
+    body.split(|b| *b == 0)
+        .find(|f| f.first() == Some(&code))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_clients_are_told_that_ssl_is_required() {
+    let h = Harness::start().await;
+    let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
+    config.password(h.token("alice")).ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let Err(err) = config.connect(tokio_postgres::NoTls).await else { panic!("plaintext must be refused") };
+    let db = err.as_db_error().expect("a FATAL from the proxy");
+    assert_eq!(db.code().code(), "28000");
+    assert_eq!(db.message(), "pgbastion requires SSL; connect with sslmode=require or stronger");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_sent_after_an_ssl_request_aborts_the_connection() {
+    let h = Harness::start().await;
+    let mut tcp = TcpStream::connect(h.proxy).await.unwrap();
+    // An attacker in the middle appends a plaintext startup to the client's SSLRequest.
+    let mut bytes = SSL_REQUEST.to_vec();
+    bytes.extend(startup(0, &[("user", "alice"), ("database", "demo")]));
+    tcp.write_all(&bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the proxy must close the connection");
+    assert!(answer.is_empty(), "no 'S' and nothing else may be answered, got {answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gssenc_is_declined_and_ssl_follows_on_the_same_socket() {
+    let h = Harness::start().await;
+    let mut tcp = TcpStream::connect(h.proxy).await.unwrap();
+    tcp.write_all(&GSSENC_REQUEST).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    tcp.write_all(&SSL_REQUEST).await.unwrap();
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let mut tls = tls_connect(&h, tcp, false).await.unwrap();
+    tls.write_all(&startup(0, &[("user", "alice"), ("database", "demo")])).await.unwrap();
+    let (tag, body) = read_message(&mut tls).await;
+    assert_eq!((tag, body), (b'R', vec![0, 0, 0, 3]), "AuthenticationCleartextPassword");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_ssl_needs_the_postgresql_alpn() {
+    let h = Harness::start().await;
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let mut tls = tls_connect(&h, tcp, true).await.unwrap();
+    tls.write_all(&startup(0, &[("user", "alice")])).await.unwrap();
+    let (tag, _) = read_message(&mut tls).await;
+    assert_eq!(tag, b'R');
+
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let closed = match tls_connect(&h, tcp, false).await {
+        Err(_) => true,
+        Ok(mut tls) => {
+            let _ = tls.write_all(&startup(0, &[("user", "alice")])).await;
+            let mut buf = Vec::new();
+            matches!(tls.read_to_end(&mut buf).await, Ok(0) | Err(_)) && buf.is_empty()
+        }
+    };
+    assert!(closed, "direct SSL without ALPN must be refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_protocol_minor_version_is_negotiated_down() {
+    let h = Harness::start().await;
+    let mut tcp = TcpStream::connect(h.proxy).await.unwrap();
+    tcp.write_all(&SSL_REQUEST).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    let mut tls = tls_connect(&h, tcp, false).await.unwrap();
+    tls.write_all(&startup(2, &[("user", "alice"), ("_pq_.test_option", "1")])).await.unwrap();
+    let (tag, body) = read_message(&mut tls).await;
+    assert_eq!(tag, b'v');
+    assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 1], "version 3.0 and one unknown option");
+    assert_eq!(&body[8..], b"_pq_.test_option\0");
+    let (tag, _) = read_message(&mut tls).await;
+    assert_eq!(tag, b'R');
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_changing_startup_settings_are_refused() {
+    let h = Harness::start().await;
+    for options in ["-c role=postgres", "-c session_authorization=postgres", "-c work_mem=1GB"] {
+        let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
+        config.password(h.token("alice")).options(options);
+        let Err(err) = config.connect(h.tls()).await else { panic!("{options} must be refused") };
+        let db = err.as_db_error().expect("a FATAL from the proxy");
+        assert_eq!(db.code().code(), "42501", "{options}");
+        assert!(db.message().starts_with("setting in options"), "{}", db.message());
+    }
+    let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
+    config.password(h.token("alice")).options("-c search_path=public -c statement_timeout=5s");
+    let (client, connection) = config.connect(h.tls()).await.unwrap();
+    tokio::spawn(connection);
+    let row = client.query_one("SHOW statement_timeout", &[]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "5s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_connections_are_refused() {
+    let h = Harness::start().await;
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let mut tcp = tcp;
+    tcp.write_all(&SSL_REQUEST).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    let mut tls = tls_connect(&h, tcp, false).await.unwrap();
+    tls.write_all(&startup(0, &[("user", "alice"), ("replication", "database")])).await.unwrap();
+    let (tag, body) = read_message(&mut tls).await;
+    assert_eq!(tag, b'E');
+    assert_eq!(field(&body, b'C'), "42501");
+    assert_eq!(field(&body, b'M'), "replication connections are not allowed through pgbastion");
+}
