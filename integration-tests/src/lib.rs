@@ -99,7 +99,8 @@ impl Harness {
             .find(|(u, _, _)| *u == user)
             .map(|(_, g, _)| *g)
             .unwrap_or("nobody");
-        self.issuer.claims(user, lifetime, json!({ "groups": [group] }))
+        self.issuer
+            .claims(user, lifetime, json!({ "groups": [group] }))
     }
 
     pub fn tls(&self) -> MakeRustlsConnect {
@@ -152,7 +153,11 @@ impl Harness {
     /// Runs the psql binary through the proxy; returns (success, stdout, stderr).
     pub fn psql(&self, user: &str, token: &str, sql: &str) -> (bool, String, String) {
         let bin = pgbastion_devkit::cluster::find_bin().expect("PostgreSQL binaries");
-        let psql = if bin.join("psql").exists() { bin.join("psql") } else { PathBuf::from("psql") };
+        let psql = if bin.join("psql").exists() {
+            bin.join("psql")
+        } else {
+            PathBuf::from("psql")
+        };
         let output = std::process::Command::new(psql)
             .arg("-X")
             .arg("-At")
@@ -193,7 +198,10 @@ fn config_text(dir: &tempfile::TempDir, cluster: &PgCluster, issuer: &DevIssuer)
     for (_, group, role) in USERS {
         let path = dir.path().join(format!("{role}.password"));
         std::fs::write(&path, cluster.password(role))?;
-        roles.push_str(&format!("\n[upstream.roles.{role}]\npassword_file = \"{}\"\n", path.display()));
+        roles.push_str(&format!(
+            "\n[upstream.roles.{role}]\npassword_file = \"{}\"\n",
+            path.display()
+        ));
         mappings.push_str(&format!(
             "\n[[mappings]]\nname = \"{group}\"\ngroups_any = [\"{group}\"]\nrole = \"{role}\"\ndatabases = [\"demo\", \"postgres\"]\n"
         ));

@@ -6,7 +6,10 @@ use integration_tests::Harness;
 async fn simple_and_extended_queries_run_as_the_mapped_role() {
     let h = Harness::start().await;
     let client = h.connect("alice", &h.token("alice")).await.unwrap();
-    let rows = client.simple_query("SELECT current_user; SELECT 1 + 1").await.unwrap();
+    let rows = client
+        .simple_query("SELECT current_user; SELECT 1 + 1")
+        .await
+        .unwrap();
     let values: Vec<String> = rows
         .iter()
         .filter_map(|m| match m {
@@ -20,7 +23,10 @@ async fn simple_and_extended_queries_run_as_the_mapped_role() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), 3);
-    let statement = client.prepare("SELECT name FROM customers WHERE id = $1").await.unwrap();
+    let statement = client
+        .prepare("SELECT name FROM customers WHERE id = $1")
+        .await
+        .unwrap();
     for (id, name) in [(1, "Ada Lovelace"), (2, "Alan Turing")] {
         let row = client.query_one(&statement, &[&id]).await.unwrap();
         assert_eq!(row.get::<_, &str>(0), name);
@@ -34,7 +40,10 @@ async fn postgres_privileges_of_the_mapped_role_still_apply() {
     let err = alice.execute("DELETE FROM orders", &[]).await.unwrap_err();
     assert_eq!(err.code().unwrap().code(), "42501", "{err}");
     let bob = h.connect("bob", &h.token("bob")).await.unwrap();
-    let deleted = bob.execute("DELETE FROM orders WHERE id = 4", &[]).await.unwrap();
+    let deleted = bob
+        .execute("DELETE FROM orders WHERE id = 4", &[])
+        .await
+        .unwrap();
     assert_eq!(deleted, 1);
 }
 
@@ -42,7 +51,10 @@ async fn postgres_privileges_of_the_mapped_role_still_apply() {
 async fn the_upstream_parameter_status_is_relayed() {
     let h = Harness::start().await;
     let client = h.connect("carol", &h.token("carol")).await.unwrap();
-    let row = client.query_one("SHOW server_version_num", &[]).await.unwrap();
+    let row = client
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap();
     let version: i32 = row.get::<_, &str>(0).parse().unwrap();
     assert!(version >= 150000, "{version}");
     let row = client.query_one("SELECT session_user", &[]).await.unwrap();
@@ -68,7 +80,10 @@ async fn a_hundred_concurrent_sessions_each_get_their_answer() {
     for i in 0..100i32 {
         let client = h.connect("bob", &token).await.unwrap();
         tasks.push(tokio::spawn(async move {
-            let row = client.query_one("SELECT $1::int4 * 2, pg_backend_pid()", &[&i]).await.unwrap();
+            let row = client
+                .query_one("SELECT $1::int4 * 2, pg_backend_pid()", &[&i])
+                .await
+                .unwrap();
             (row.get::<_, i32>(0), row.get::<_, i32>(1))
         }));
     }
@@ -78,5 +93,9 @@ async fn a_hundred_concurrent_sessions_each_get_their_answer() {
         assert_eq!(doubled, 2 * i as i32);
         pids.insert(pid);
     }
-    assert_eq!(pids.len(), 100, "each session has its own upstream connection");
+    assert_eq!(
+        pids.len(),
+        100,
+        "each session has its own upstream connection"
+    );
 }

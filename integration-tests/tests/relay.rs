@@ -36,14 +36,20 @@ async fn a_cancel_request_with_a_wrong_key_does_nothing() {
     let mut answer = Vec::new();
     tcp.read_to_end(&mut answer).await.unwrap();
     assert!(answer.is_empty(), "a cancel request gets no answer");
-    assert!(query.await.unwrap().is_ok(), "the query must not be cancelled");
+    assert!(
+        query.await.unwrap().is_ok(),
+        "the query must not be cancelled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_works_both_ways() {
     let h = Harness::start().await;
     let client = h.connect("bob", &h.token("bob")).await.unwrap();
-    client.batch_execute("CREATE TEMP TABLE items (id int, name text)").await.unwrap();
+    client
+        .batch_execute("CREATE TEMP TABLE items (id int, name text)")
+        .await
+        .unwrap();
     let sink = client.copy_in("COPY items FROM STDIN").await.unwrap();
     futures::pin_mut!(sink);
     let mut data = String::new();
@@ -66,7 +72,9 @@ async fn notifications_reach_an_idle_client() {
     let (listener, mut connection) = config.connect(h.tls()).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Some(Ok(message)) = futures::future::poll_fn(|cx| connection.poll_message(cx)).await {
+        while let Some(Ok(message)) =
+            futures::future::poll_fn(|cx| connection.poll_message(cx)).await
+        {
             if let tokio_postgres::AsyncMessage::Notification(n) = message {
                 let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
             }
@@ -75,7 +83,10 @@ async fn notifications_reach_an_idle_client() {
     listener.batch_execute("LISTEN jobs").await.unwrap();
     let sender = h.connect("carol", &h.token("carol")).await.unwrap();
     sender.batch_execute("NOTIFY jobs, 'ready'").await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, ("jobs".to_string(), "ready".to_string()));
 }
 
@@ -89,33 +100,53 @@ async fn a_hundred_megabyte_value_round_trips() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>("n") as usize, value.len());
-    assert!(row.get::<_, &[u8]>("v") == value.as_slice(), "the value comes back intact");
+    assert!(
+        row.get::<_, &[u8]>("v") == value.as_slice(),
+        "the value comes back intact"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_upstream_gets_a_clear_fatal_and_the_proxy_keeps_running() {
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let h = Harness::start_with(|c| c.upstream.port = closed_port).await;
     for _ in 0..2 {
         let (code, message) = h.connect_error("alice", "demo", &h.token("alice")).await;
-        assert_eq!((code.as_str(), message.as_str()), ("08001", "the upstream PostgreSQL is unreachable"));
+        assert_eq!(
+            (code.as_str(), message.as_str()),
+            ("08001", "the upstream PostgreSQL is unreachable")
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_upstream_credential_is_reported_as_the_proxys_problem() {
     let h = Harness::start().await;
-    h.cluster.psql("postgres", "ALTER ROLE analyst PASSWORD 'changed-behind-our-back'").unwrap();
+    h.cluster
+        .psql(
+            "postgres",
+            "ALTER ROLE analyst PASSWORD 'changed-behind-our-back'",
+        )
+        .unwrap();
     let (code, message) = h.connect_error("alice", "demo", &h.token("alice")).await;
     assert_eq!(code, "08006");
-    assert_eq!(message, "pgbastion could not log in to the upstream PostgreSQL as role 'analyst'");
+    assert_eq!(
+        message,
+        "pgbastion could not log in to the upstream PostgreSQL as role 'analyst'"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanishing_client_does_not_leave_its_query_running() {
     let h = Harness::start().await;
     let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
-    config.password(h.token("alice")).application_name("vanishing");
+    config
+        .password(h.token("alice"))
+        .application_name("vanishing");
     let (client, connection) = config.connect(h.tls()).await.unwrap();
     let driver = tokio::spawn(connection);
     let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
@@ -149,17 +180,26 @@ async fn a_function_call_message_is_refused_and_the_session_continues() {
     tcp.write_all(&packet).await.unwrap();
     let (tag, _) = read_message(&mut tcp).await;
     assert_eq!(tag, b'R');
-    tcp.write_all(&message(b'p', format!("{}\0", h.token("alice")).as_bytes())).await.unwrap();
+    tcp.write_all(&message(b'p', format!("{}\0", h.token("alice")).as_bytes()))
+        .await
+        .unwrap();
     while read_message(&mut tcp).await.0 != b'Z' {}
     // FunctionCall of pg_backend_pid (OID 2026), no arguments, text result.
-    tcp.write_all(&message(b'F', &[0, 0, 0x07, 0xea, 0, 0, 0, 0, 0, 0])).await.unwrap();
+    tcp.write_all(&message(b'F', &[0, 0, 0x07, 0xea, 0, 0, 0, 0, 0, 0]))
+        .await
+        .unwrap();
     let (tag, body) = read_message(&mut tcp).await;
     assert_eq!(tag, b'E');
     let text = String::from_utf8_lossy(&body);
     assert!(text.contains("C42501"), "{text}");
-    assert!(text.contains("denies the fast-path function call of function OID 2026"), "{text}");
+    assert!(
+        text.contains("denies the fast-path function call of function OID 2026"),
+        "{text}"
+    );
     assert_eq!(read_message(&mut tcp).await, (b'Z', vec![b'I']));
-    tcp.write_all(&message(b'Q', b"SELECT 41 + 1\0")).await.unwrap();
+    tcp.write_all(&message(b'Q', b"SELECT 41 + 1\0"))
+        .await
+        .unwrap();
     let mut tags = Vec::new();
     loop {
         let (tag, body) = read_message(&mut tcp).await;

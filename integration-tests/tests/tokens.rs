@@ -20,15 +20,47 @@ async fn token_failures_get_their_sqlstate_and_an_actionable_message() {
     let mut not_yet = h.claims("alice", HOUR);
     not_yet["nbf"] = json!(4_000_000_000u64);
     let cases = [
-        ("alice", sign(expired), "28P01", "access token expired at 2026-09-21T14:13:20Z"),
-        ("alice", sign(wrong_audience), "28000", "token audience does not include 'pgbastion'"),
-        ("alice", sign(untrusted), "28000", "issuer 'https://evil.example' is not trusted"),
-        ("alice", sign(not_yet), "28P01", "access token is not valid before 2096-10-02T07:06:40Z"),
-        ("alice", "hunter2".to_string(), "28P01", "password is not a JWT access token: expected three dot-separated parts"),
-        ("bob", h.token("alice"), "28000", "user 'bob' does not match the token's preferred_username 'alice'"),
         (
             "alice",
-            h.issuer.sign_with_unpublished_key(&h.claims("alice", HOUR)).unwrap(),
+            sign(expired),
+            "28P01",
+            "access token expired at 2026-09-21T14:13:20Z",
+        ),
+        (
+            "alice",
+            sign(wrong_audience),
+            "28000",
+            "token audience does not include 'pgbastion'",
+        ),
+        (
+            "alice",
+            sign(untrusted),
+            "28000",
+            "issuer 'https://evil.example' is not trusted",
+        ),
+        (
+            "alice",
+            sign(not_yet),
+            "28P01",
+            "access token is not valid before 2096-10-02T07:06:40Z",
+        ),
+        (
+            "alice",
+            "hunter2".to_string(),
+            "28P01",
+            "password is not a JWT access token: expected three dot-separated parts",
+        ),
+        (
+            "bob",
+            h.token("alice"),
+            "28000",
+            "user 'bob' does not match the token's preferred_username 'alice'",
+        ),
+        (
+            "alice",
+            h.issuer
+                .sign_with_unpublished_key(&h.claims("alice", HOUR))
+                .unwrap(),
             "28P01",
             "token signature is invalid",
         ),
@@ -36,7 +68,10 @@ async fn token_failures_get_their_sqlstate_and_an_actionable_message() {
     for (user, token, code, message) in cases {
         let (got_code, got_message) = h.connect_error(user, "demo", &token).await;
         assert_eq!((got_code.as_str(), got_message.as_str()), (code, message));
-        assert!(!got_message.contains(&token), "the token must never be echoed");
+        assert!(
+            !got_message.contains(&token),
+            "the token must never be echoed"
+        );
     }
 }
 
@@ -44,12 +79,21 @@ async fn token_failures_get_their_sqlstate_and_an_actionable_message() {
 async fn hmac_and_unsigned_tokens_are_refused_whatever_their_claims() {
     use base64::Engine;
     let h = Harness::start().await;
-    let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
     let claims = h.claims("alice", HOUR);
     for alg in ["none", "HS256"] {
-        let token = format!("{}.{}.c2lnbmF0dXJl", b64(json!({"alg": alg, "typ": "JWT"})), b64(claims.clone()));
+        let token = format!(
+            "{}.{}.c2lnbmF0dXJl",
+            b64(json!({"alg": alg, "typ": "JWT"})),
+            b64(claims.clone())
+        );
         let (code, message) = h.connect_error("alice", "demo", &token).await;
-        assert_eq!((code.as_str(), message), ("28P01", format!("token algorithm '{alg}' is not accepted")));
+        assert_eq!(
+            (code.as_str(), message),
+            ("28P01", format!("token algorithm '{alg}' is not accepted"))
+        );
     }
 }
 
@@ -57,21 +101,39 @@ async fn hmac_and_unsigned_tokens_are_refused_whatever_their_claims() {
 async fn required_scopes_are_enforced() {
     let h = Harness::start_with(|c| c.issuers[0].required_scopes = vec!["db:connect".into()]).await;
     let (code, message) = h.connect_error("alice", "demo", &h.token("alice")).await;
-    assert_eq!((code.as_str(), message.as_str()), ("28000", "token lacks the required scope 'db:connect'"));
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("28000", "token lacks the required scope 'db:connect'")
+    );
     let mut claims = h.claims("alice", HOUR);
     claims["scope"] = json!("openid db:connect");
-    h.connect("alice", &h.issuer.sign(&claims).unwrap()).await.unwrap();
+    h.connect("alice", &h.issuer.sign(&claims).unwrap())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmapped_identities_and_databases_are_refused_by_name() {
     let h = Harness::start().await;
-    let stranger = h.issuer.token("mallory", json!({"groups": ["sales"]})).unwrap();
+    let stranger = h
+        .issuer
+        .token("mallory", json!({"groups": ["sales"]}))
+        .unwrap();
     let (code, message) = h.connect_error("mallory", "demo", &stranger).await;
-    assert_eq!((code.as_str(), message.as_str()), ("28000", "no mapping rule matches user 'mallory' (groups: sales)"));
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        (
+            "28000",
+            "no mapping rule matches user 'mallory' (groups: sales)"
+        )
+    );
     let (code, message) = h.connect_error("alice", "payroll", &h.token("alice")).await;
     assert_eq!(code, "28000");
-    assert!(message.starts_with("database 'payroll' is not allowed for user 'alice' by rule 'analysts'"), "{message}");
+    assert!(
+        message
+            .starts_with("database 'payroll' is not allowed for user 'alice' by rule 'analysts'"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,12 +151,17 @@ async fn a_rotated_key_is_fetched_when_first_seen() {
     h.issuer.rotate(KeyKind::Rs256).unwrap();
     let client = h.connect("alice", &h.token("alice")).await.unwrap();
     client.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(h.issuer.jwks_fetches(), fetches + 1, "one refetch for the new kid");
+    assert_eq!(
+        h.issuer.jwks_fetches(),
+        fetches + 1,
+        "one refetch for the new kid"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_kids_refetch_at_most_once_per_interval() {
-    let h = Harness::start_with(|c| c.issuers[0].jwks_min_refetch = Duration::from_secs(3600)).await;
+    let h =
+        Harness::start_with(|c| c.issuers[0].jwks_min_refetch = Duration::from_secs(3600)).await;
     let fetches = h.issuer.jwks_fetches();
     // The keys were fetched at startup, less than an interval ago: a flood of tokens with an
     // unknown kid must not turn into a flood of requests to the identity provider.
@@ -102,7 +169,13 @@ async fn unknown_kids_refetch_at_most_once_per_interval() {
     for _ in 0..5 {
         let (code, message) = h.connect_error("alice", "demo", &h.token("alice")).await;
         assert_eq!(code, "28P01");
-        assert!(message.ends_with(&format!("is not published by issuer '{}' (keys were refreshed moments ago)", h.issuer.issuer())), "{message}");
+        assert!(
+            message.ends_with(&format!(
+                "is not published by issuer '{}' (keys were refreshed moments ago)",
+                h.issuer.issuer()
+            )),
+            "{message}"
+        );
     }
     assert_eq!(h.issuer.jwks_fetches(), fetches);
 }
@@ -123,7 +196,10 @@ async fn an_unknown_kid_while_the_identity_provider_is_down_is_refused_clearly()
     h.issuer.rotate(KeyKind::Rs256).unwrap();
     let (code, message) = h.connect_error("alice", "demo", &h.token("alice")).await;
     assert_eq!(code, "28P01");
-    assert!(message.ends_with("(and its keys could not be refetched)"), "{message}");
+    assert!(
+        message.ends_with("(and its keys could not be refetched)"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,7 +209,10 @@ async fn a_session_ends_when_its_token_expires_after_a_warning() {
         c.session.expiry_warning = Duration::from_secs(2);
     })
     .await;
-    let token = h.issuer.sign(&h.claims("alice", Duration::from_secs(3))).unwrap();
+    let token = h
+        .issuer
+        .sign(&h.claims("alice", Duration::from_secs(3)))
+        .unwrap();
     let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
     config.password(&token);
     let (client, mut connection) = config.connect(h.tls()).await.unwrap();
@@ -146,7 +225,9 @@ async fn a_session_ends_when_its_token_expires_after_a_warning() {
                 }
                 Some(Ok(_)) => {}
                 Some(Err(err)) => {
-                    let text = err.as_db_error().map(|e| format!("{}: {}", e.code().code(), e.message()));
+                    let text = err
+                        .as_db_error()
+                        .map(|e| format!("{}: {}", e.code().code(), e.message()));
                     let _ = tx.send(format!("error: {}", text.unwrap_or(err.to_string())));
                     break;
                 }
@@ -155,9 +236,21 @@ async fn a_session_ends_when_its_token_expires_after_a_warning() {
         }
     });
     client.simple_query("SELECT 1").await.unwrap();
-    let notice = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
-    assert!(notice.starts_with("notice: the access token of this session expires at"), "{notice}");
-    let end = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
-    assert_eq!(end, "error: 28000: the access token of this session has expired");
+    let notice = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        notice.starts_with("notice: the access token of this session expires at"),
+        "{notice}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        end,
+        "error: 28000: the access token of this session has expired"
+    );
     assert!(client.simple_query("SELECT 1").await.is_err());
 }

@@ -25,13 +25,19 @@ fn startup(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     packet
 }
 
-async fn tls_connect(h: &Harness, tcp: TcpStream, alpn: bool) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+async fn tls_connect(
+    h: &Harness,
+    tcp: TcpStream,
+    alpn: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut config = client_tls(&h.cert.cert_pem);
     if alpn {
         config.alpn_protocols = vec![b"postgresql".to_vec()];
     }
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
 }
 
 /// Reads one message: (tag, body).
@@ -55,11 +61,18 @@ fn field(body: &[u8], code: u8) -> String {
 async fn plaintext_clients_are_told_that_ssl_is_required() {
     let h = Harness::start().await;
     let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
-    config.password(h.token("alice")).ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let Err(err) = config.connect(tokio_postgres::NoTls).await else { panic!("plaintext must be refused") };
+    config
+        .password(h.token("alice"))
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let Err(err) = config.connect(tokio_postgres::NoTls).await else {
+        panic!("plaintext must be refused")
+    };
     let db = err.as_db_error().expect("a FATAL from the proxy");
     assert_eq!(db.code().code(), "28000");
-    assert_eq!(db.message(), "pgbastion requires SSL; connect with sslmode=require or stronger");
+    assert_eq!(
+        db.message(),
+        "pgbastion requires SSL; connect with sslmode=require or stronger"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +86,10 @@ async fn plaintext_sent_after_an_ssl_request_aborts_the_connection() {
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "the proxy must close the connection");
-    assert!(answer.is_empty(), "no 'S' and nothing else may be answered, got {answer:?}");
+    assert!(
+        answer.is_empty(),
+        "no 'S' and nothing else may be answered, got {answer:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,9 +104,15 @@ async fn gssenc_is_declined_and_ssl_follows_on_the_same_socket() {
     tcp.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"S");
     let mut tls = tls_connect(&h, tcp, false).await.unwrap();
-    tls.write_all(&startup(0, &[("user", "alice"), ("database", "demo")])).await.unwrap();
+    tls.write_all(&startup(0, &[("user", "alice"), ("database", "demo")]))
+        .await
+        .unwrap();
     let (tag, body) = read_message(&mut tls).await;
-    assert_eq!((tag, body), (b'R', vec![0, 0, 0, 3]), "AuthenticationCleartextPassword");
+    assert_eq!(
+        (tag, body),
+        (b'R', vec![0, 0, 0, 3]),
+        "AuthenticationCleartextPassword"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +120,9 @@ async fn direct_ssl_needs_the_postgresql_alpn() {
     let h = Harness::start().await;
     let tcp = TcpStream::connect(h.proxy).await.unwrap();
     let mut tls = tls_connect(&h, tcp, true).await.unwrap();
-    tls.write_all(&startup(0, &[("user", "alice")])).await.unwrap();
+    tls.write_all(&startup(0, &[("user", "alice")]))
+        .await
+        .unwrap();
     let (tag, _) = read_message(&mut tls).await;
     assert_eq!(tag, b'R');
 
@@ -122,10 +146,16 @@ async fn a_newer_protocol_minor_version_is_negotiated_down() {
     let mut answer = [0u8; 1];
     tcp.read_exact(&mut answer).await.unwrap();
     let mut tls = tls_connect(&h, tcp, false).await.unwrap();
-    tls.write_all(&startup(2, &[("user", "alice"), ("_pq_.test_option", "1")])).await.unwrap();
+    tls.write_all(&startup(2, &[("user", "alice"), ("_pq_.test_option", "1")]))
+        .await
+        .unwrap();
     let (tag, body) = read_message(&mut tls).await;
     assert_eq!(tag, b'v');
-    assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 1], "version 3.0 and one unknown option");
+    assert_eq!(
+        &body[..8],
+        &[0, 3, 0, 0, 0, 0, 0, 1],
+        "version 3.0 and one unknown option"
+    );
     assert_eq!(&body[8..], b"_pq_.test_option\0");
     let (tag, _) = read_message(&mut tls).await;
     assert_eq!(tag, b'R');
@@ -134,19 +164,35 @@ async fn a_newer_protocol_minor_version_is_negotiated_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_changing_startup_settings_are_refused() {
     let h = Harness::start().await;
-    for options in ["-c role=postgres", "-c session_authorization=postgres", "-c work_mem=1GB"] {
-        let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
+    for options in [
+        "-c role=postgres",
+        "-c session_authorization=postgres",
+        "-c work_mem=1GB",
+    ] {
+        let mut config: tokio_postgres::Config =
+            h.connection_string("alice", "demo").parse().unwrap();
         config.password(h.token("alice")).options(options);
-        let Err(err) = config.connect(h.tls()).await else { panic!("{options} must be refused") };
+        let Err(err) = config.connect(h.tls()).await else {
+            panic!("{options} must be refused")
+        };
         let db = err.as_db_error().expect("a FATAL from the proxy");
         assert_eq!(db.code().code(), "42501", "{options}");
-        assert!(db.message().starts_with("setting in options"), "{}", db.message());
+        assert!(
+            db.message().starts_with("setting in options"),
+            "{}",
+            db.message()
+        );
     }
     let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
-    config.password(h.token("alice")).options("-c search_path=public -c statement_timeout=5s");
+    config
+        .password(h.token("alice"))
+        .options("-c search_path=public -c statement_timeout=5s");
     let (client, connection) = config.connect(h.tls()).await.unwrap();
     tokio::spawn(connection);
-    let row = client.query_one("SHOW statement_timeout", &[]).await.unwrap();
+    let row = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, &str>(0), "5s");
 }
 
@@ -159,9 +205,17 @@ async fn replication_connections_are_refused() {
     let mut answer = [0u8; 1];
     tcp.read_exact(&mut answer).await.unwrap();
     let mut tls = tls_connect(&h, tcp, false).await.unwrap();
-    tls.write_all(&startup(0, &[("user", "alice"), ("replication", "database")])).await.unwrap();
+    tls.write_all(&startup(
+        0,
+        &[("user", "alice"), ("replication", "database")],
+    ))
+    .await
+    .unwrap();
     let (tag, body) = read_message(&mut tls).await;
     assert_eq!(tag, b'E');
     assert_eq!(field(&body, b'C'), "42501");
-    assert_eq!(field(&body, b'M'), "replication connections are not allowed through pgbastion");
+    assert_eq!(
+        field(&body, b'M'),
+        "replication connections are not allowed through pgbastion"
+    );
 }

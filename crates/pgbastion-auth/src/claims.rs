@@ -62,7 +62,10 @@ mod tests {
 
     #[test]
     fn scopes_come_from_scope_or_scp() {
-        assert_eq!(scopes(&json!({"scope": "db:read  openid"})), ["db:read", "openid"]);
+        assert_eq!(
+            scopes(&json!({"scope": "db:read  openid"})),
+            ["db:read", "openid"]
+        );
         assert_eq!(scopes(&json!({"scp": ["db:read"]})), ["db:read"]);
     }
 }

@@ -114,24 +114,39 @@ mod tests {
             rule("admins", &["dbadmins"], "owner", &["*"]),
             rule("analysts", &["analysts"], "analyst", &["app"]),
         ]);
-        let grant = mapper.map(&identity(&["analysts", "dbadmins"], json!({})), "app").unwrap();
+        let grant = mapper
+            .map(&identity(&["analysts", "dbadmins"], json!({})), "app")
+            .unwrap();
         assert_eq!(grant.role, "owner");
-        let grant = mapper.map(&identity(&["analysts"], json!({})), "app").unwrap();
+        let grant = mapper
+            .map(&identity(&["analysts"], json!({})), "app")
+            .unwrap();
         assert_eq!(grant.role, "analyst");
     }
 
     #[test]
     fn no_matching_rule_names_the_user_and_groups() {
         let mapper = Mapper::new(vec![rule("analysts", &["analysts"], "analyst", &["app"])]);
-        let err = mapper.map(&identity(&["sales"], json!({})), "app").unwrap_err();
-        assert_eq!(err.to_string(), "no mapping rule matches user 'alice' (groups: sales)");
+        let err = mapper
+            .map(&identity(&["sales"], json!({})), "app")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no mapping rule matches user 'alice' (groups: sales)"
+        );
     }
 
     #[test]
     fn a_database_the_rule_does_not_list_is_refused() {
         let mapper = Mapper::new(vec![rule("analysts", &["analysts"], "analyst", &["app"])]);
-        let err = mapper.map(&identity(&["analysts"], json!({})), "payroll").unwrap_err();
-        assert!(err.to_string().starts_with("database 'payroll' is not allowed"), "{err}");
+        let err = mapper
+            .map(&identity(&["analysts"], json!({})), "payroll")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("database 'payroll' is not allowed"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -140,9 +155,15 @@ mod tests {
         r.claims.insert("department".into(), "finance".into());
         r.claims.insert("tenant.id".into(), "t1".into());
         let mapper = Mapper::new(vec![r]);
-        let ok = identity(&[], json!({"department": "finance", "tenant": {"id": "t1"}}));
+        let ok = identity(
+            &[],
+            json!({"department": "finance", "tenant": {"id": "t1"}}),
+        );
         assert_eq!(mapper.map(&ok, "x").unwrap().role, "fin");
-        let wrong = identity(&[], json!({"department": "finance", "tenant": {"id": "t2"}}));
+        let wrong = identity(
+            &[],
+            json!({"department": "finance", "tenant": {"id": "t2"}}),
+        );
         assert!(mapper.map(&wrong, "x").is_err());
     }
 }

@@ -227,7 +227,10 @@ fn check_signature(
         match jsonwebtoken::decode::<Value>(token, &candidate.key, &validation) {
             Ok(_) => return Ok(()),
             Err(err) => {
-                if !matches!(err.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) {
+                if !matches!(
+                    err.kind(),
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature
+                ) {
                     tracing::debug!(error = %err, "token rejected by a candidate key");
                 }
             }
@@ -282,7 +285,11 @@ fn check_scopes(claims: &Value, config: &Issuer) -> Result<(), AuthError> {
 
 /// Client-supplied text in an error message: control characters escaped, length capped.
 fn printable(text: &str) -> String {
-    let mut out: String = text.chars().take(200).flat_map(char::escape_default).collect();
+    let mut out: String = text
+        .chars()
+        .take(200)
+        .flat_map(char::escape_default)
+        .collect();
     if text.chars().count() > 200 {
         out.push_str("...");
     }
@@ -297,7 +304,11 @@ mod tests {
     fn non_jwt_passwords_are_named_as_such() {
         for password in ["hunter2", "a.b", "a.b.c.d", "e30.e30.", "!!.e30.sig"] {
             let err = decode_unverified(password).unwrap_err();
-            assert!(err.to_string().starts_with("password is not a JWT access token"), "{err}");
+            assert!(
+                err.to_string()
+                    .starts_with("password is not a JWT access token"),
+                "{err}"
+            );
         }
     }
 
@@ -305,16 +316,25 @@ mod tests {
     fn none_and_hmac_are_never_accepted() {
         for alg in ["none", "HS256", "HS512"] {
             let err = algorithm(&serde_json::json!({ "alg": alg })).unwrap_err();
-            assert_eq!(err.to_string(), format!("token algorithm '{alg}' is not accepted"));
+            assert_eq!(
+                err.to_string(),
+                format!("token algorithm '{alg}' is not accepted")
+            );
         }
-        assert_eq!(algorithm(&serde_json::json!({"alg": "RS256"})).unwrap(), Algorithm::RS256);
+        assert_eq!(
+            algorithm(&serde_json::json!({"alg": "RS256"})).unwrap(),
+            Algorithm::RS256
+        );
     }
 
     #[test]
     fn expiry_is_reported_with_its_time() {
         let claims = serde_json::json!({"exp": 1_790_000_000});
         let err = check_times(&claims, Duration::from_secs(60)).unwrap_err();
-        assert_eq!(err.to_string(), "access token expired at 2026-09-21T14:13:20Z");
+        assert_eq!(
+            err.to_string(),
+            "access token expired at 2026-09-21T14:13:20Z"
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub fn parse(text: &str) -> Result<Config, Problems> {
     let config: Config = match toml::from_str(text) {
         Ok(config) => config,
         Err(err) => {
-            let line = err.span().map(|span| locate::line_of_offset(text, span.start));
+            let line = err
+                .span()
+                .map(|span| locate::line_of_offset(text, span.start));
             return Err(Problems(vec![Problem {
                 path: String::new(),
                 line,
@@ -100,7 +102,10 @@ databases = ["app"]
     fn every_problem_is_reported_at_once_with_key_paths() {
         let text = MINIMAL
             .replace("address = \"127.0.0.1:6432\"", "address = \"0.0.0.0:6432\"")
-            .replace("audiences = [\"pgbastion\"]", "audiences = []\nalgorithms = [\"HS256\"]")
+            .replace(
+                "audiences = [\"pgbastion\"]",
+                "audiences = []\nalgorithms = [\"HS256\"]",
+            )
             .replace("role = \"analyst\"", "role = \"nobody\"");
         let problems = parse(&text).unwrap_err();
         let paths: Vec<_> = problems.0.iter().map(|p| p.path.as_str()).collect();
@@ -114,7 +119,12 @@ databases = ["app"]
             ]
         );
         assert!(problems.0.iter().all(|p| p.line.is_some()), "{problems}");
-        assert!(problems.to_string().contains("line 4: listen.allow_plaintext"), "{problems}");
+        assert!(
+            problems
+                .to_string()
+                .contains("line 4: listen.allow_plaintext"),
+            "{problems}"
+        );
     }
 
     #[test]
@@ -128,9 +138,32 @@ databases = ["app"]
 
     #[test]
     fn durations_are_written_the_human_way() {
-        let text = MINIMAL.replace("audiences = [\"pgbastion\"]", "audiences = [\"pgbastion\"]\nleeway = \"2m\"");
-        assert_eq!(parse(&text).unwrap().issuers[0].leeway, std::time::Duration::from_secs(120));
-        let text = MINIMAL.replace("audiences = [\"pgbastion\"]", "audiences = [\"pgbastion\"]\nleeway = \"soon\"");
-        assert!(parse(&text).unwrap_err().to_string().contains("invalid duration 'soon'"));
+        let text = MINIMAL.replace(
+            "audiences = [\"pgbastion\"]",
+            "audiences = [\"pgbastion\"]\nleeway = \"2m\"",
+        );
+        assert_eq!(
+            parse(&text).unwrap().issuers[0].leeway,
+            std::time::Duration::from_secs(120)
+        );
+        let text = MINIMAL.replace(
+            "audiences = [\"pgbastion\"]",
+            "audiences = [\"pgbastion\"]\nleeway = \"soon\"",
+        );
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid duration 'soon'"));
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn the_example_config_documents_a_valid_config() {
+        let text = include_str!("../../../config/pgbastion.example.toml");
+        let config = super::parse(text).unwrap_or_else(|p| panic!("{p}"));
+        assert_eq!(config.mappings.len(), 2);
+        assert_eq!(config.issuers[0].groups_claim, "groups");
     }
 }

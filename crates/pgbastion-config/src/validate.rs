@@ -113,13 +113,19 @@ fn client(client: &Client, out: &mut Collector) {
 
 fn issuers(issuers: &[Issuer], out: &mut Collector) {
     if issuers.is_empty() {
-        out.add("issuers", "at least one [[issuers]] entry is needed to verify tokens");
+        out.add(
+            "issuers",
+            "at least one [[issuers]] entry is needed to verify tokens",
+        );
     }
     let mut seen = BTreeSet::new();
     for (i, issuer) in issuers.iter().enumerate() {
         let path = format!("issuers[{i}]");
         if !seen.insert(issuer.issuer.as_str()) {
-            out.add(format!("{path}.issuer"), format!("issuer '{}' is listed twice", issuer.issuer));
+            out.add(
+                format!("{path}.issuer"),
+                format!("issuer '{}' is listed twice", issuer.issuer),
+            );
         }
         match url::Url::parse(&issuer.issuer) {
             Ok(url) => {
@@ -145,7 +151,10 @@ fn issuers(issuers: &[Issuer], out: &mut Collector) {
             );
         }
         if issuer.algorithms.is_empty() {
-            out.add(format!("{path}.algorithms"), "must list at least one algorithm");
+            out.add(
+                format!("{path}.algorithms"),
+                "must list at least one algorithm",
+            );
         }
         for (j, alg) in issuer.algorithms.iter().enumerate() {
             if !ASYMMETRIC_ALGORITHMS.contains(&alg.as_str()) {
@@ -186,13 +195,19 @@ fn upstream(upstream: &Upstream, out: &mut Collector) {
 
 fn mappings(config: &Config, out: &mut Collector) {
     if config.mappings.is_empty() {
-        out.add("mappings", "at least one [[mappings]] rule is needed, or nobody can log in");
+        out.add(
+            "mappings",
+            "at least one [[mappings]] rule is needed, or nobody can log in",
+        );
     }
     let mut names = BTreeSet::new();
     for (i, mapping) in config.mappings.iter().enumerate() {
         let path = format!("mappings[{i}]");
         if !names.insert(mapping.name.as_str()) {
-            out.add(format!("{path}.name"), format!("rule name '{}' is used twice", mapping.name));
+            out.add(
+                format!("{path}.name"),
+                format!("rule name '{}' is used twice", mapping.name),
+            );
         }
         if !config.upstream.roles.contains_key(&mapping.role) {
             out.add(
@@ -204,11 +219,17 @@ fn mappings(config: &Config, out: &mut Collector) {
             );
         }
         if mapping.databases.is_empty() {
-            out.add(format!("{path}.databases"), "list the databases this rule allows, or [\"*\"]");
+            out.add(
+                format!("{path}.databases"),
+                "list the databases this rule allows, or [\"*\"]",
+            );
         }
         if let Some(issuer) = &mapping.issuer {
             if !config.issuers.iter().any(|i| &i.issuer == issuer) {
-                out.add(format!("{path}.issuer"), format!("'{issuer}' is not one of [[issuers]]"));
+                out.add(
+                    format!("{path}.issuer"),
+                    format!("'{issuer}' is not one of [[issuers]]"),
+                );
             }
         }
     }

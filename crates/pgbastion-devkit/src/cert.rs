@@ -11,7 +11,11 @@ pub struct SelfSigned {
 
 impl SelfSigned {
     pub fn localhost() -> Result<Self> {
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
         let certified = rcgen::generate_simple_self_signed(names)?;
         Ok(SelfSigned {
             cert_pem: certified.cert.pem(),

@@ -252,7 +252,14 @@ fn start_postgres(bin: &Path, dir: &Path, port: u16, owner: Option<(u32, u32)>) 
         .args(["-c", "listen_addresses=127.0.0.1"])
         .arg("-c")
         .arg(format!("unix_socket_directories={}", dir.display()))
-        .args(["-c", "max_connections=300", "-c", "fsync=off", "-c", "full_page_writes=off"])
+        .args([
+            "-c",
+            "max_connections=300",
+            "-c",
+            "fsync=off",
+            "-c",
+            "full_page_writes=off",
+        ])
         .args(["-c", "synchronous_commit=off", "-c", "shared_buffers=32MB"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -304,7 +311,10 @@ fn run_psql(bin: &Path, socket_dir: &Path, port: u16, database: &str, sql: &str)
         .write_all(sql.as_bytes())?;
     let output = child.wait_with_output()?;
     if !output.status.success() {
-        bail!("psql failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "psql failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -330,14 +340,21 @@ fn make_template(bin: &Path) -> Result<PathBuf> {
     if template.join("PG_VERSION").exists() {
         return Ok(template);
     }
-    let work = tempfile::Builder::new().prefix("pgbastion-initdb-").tempdir()?;
+    let work = tempfile::Builder::new()
+        .prefix("pgbastion-initdb-")
+        .tempdir()?;
     chown(work.path(), owner)?;
     let data = work.path().join("data");
     let mut initdb = Command::new(bin.join("initdb"));
     initdb
         .arg("-D")
         .arg(&data)
-        .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+        .args([
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+        ])
         .args(["-E", "UTF8", "--locale=C", "--no-sync"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

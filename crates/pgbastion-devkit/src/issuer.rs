@@ -58,7 +58,9 @@ pub struct DevIssuer {
 
 impl std::fmt::Debug for DevIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevIssuer").field("issuer", &self.shared.issuer).finish()
+        f.debug_struct("DevIssuer")
+            .field("issuer", &self.shared.issuer)
+            .finish()
     }
 }
 
@@ -114,7 +116,12 @@ impl DevIssuer {
     pub fn add_key(&self, kind: KeyKind) -> Result<String> {
         let key = new_key(kind)?;
         let kid = key.kid.clone();
-        self.shared.inner.write().expect("issuer lock").keys.push(key);
+        self.shared
+            .inner
+            .write()
+            .expect("issuer lock")
+            .keys
+            .push(key);
         Ok(kid)
     }
 
@@ -263,8 +270,17 @@ async fn jwks(State(shared): State<Arc<Shared>>) -> Json<Value> {
 }
 
 /// Demo only: a fresh one-hour access token for a registered demo user, as plain text.
-async fn token(State(shared): State<Arc<Shared>>, Path(user): Path<String>) -> (StatusCode, String) {
-    let extra = shared.inner.read().expect("issuer lock").users.get(&user).cloned();
+async fn token(
+    State(shared): State<Arc<Shared>>,
+    Path(user): Path<String>,
+) -> (StatusCode, String) {
+    let extra = shared
+        .inner
+        .read()
+        .expect("issuer lock")
+        .users
+        .get(&user)
+        .cloned();
     let Some(extra) = extra else {
         return (StatusCode::NOT_FOUND, format!("no demo user '{user}'\n"));
     };

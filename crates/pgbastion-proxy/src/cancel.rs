@@ -29,7 +29,11 @@ pub struct CancelKey {
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
-        self.registry.entries.lock().expect("cancel registry lock").remove(&self.pid);
+        self.registry
+            .entries
+            .lock()
+            .expect("cancel registry lock")
+            .remove(&self.pid);
     }
 }
 
@@ -62,8 +66,16 @@ impl CancelRegistry {
 
     /// The upstream (pid, secret) for a client's cancel key, if the key is right.
     pub fn lookup(&self, pid: i32, secret: i32) -> Option<(i32, i32)> {
-        let entry = *self.entries.lock().expect("cancel registry lock").get(&pid)?;
-        let matches: bool = entry.secret.to_be_bytes().ct_eq(&secret.to_be_bytes()).into();
+        let entry = *self
+            .entries
+            .lock()
+            .expect("cancel registry lock")
+            .get(&pid)?;
+        let matches: bool = entry
+            .secret
+            .to_be_bytes()
+            .ct_eq(&secret.to_be_bytes())
+            .into();
         matches.then_some((entry.upstream_pid, entry.upstream_secret))
     }
 }

@@ -39,7 +39,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, conn: u64) {
     }
 }
 
-async fn handshake(shared: &Arc<Shared>, tcp: TcpStream, conn: u64) -> Result<Option<Session>, Refused> {
+async fn handshake(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    conn: u64,
+) -> Result<Option<Session>, Refused> {
     let settings = &shared.settings;
     let deadline = settings.config.client.auth_timeout;
     let accept_settings = AcceptSettings {
@@ -48,10 +52,17 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream, conn: u64) -> Result<Op
     };
     let first = tokio::time::timeout(deadline, accept(tcp, &accept_settings))
         .await
-        .map_err(|_| (None, Refusal::Protocol("timed out waiting for the startup packet".into())))?
+        .map_err(|_| {
+            (
+                None,
+                Refusal::Protocol("timed out waiting for the startup packet".into()),
+            )
+        })?
         .map_err(|err| {
             let refusal = match &err.error {
-                WireError::Protocol(message) if message.starts_with("unsupported frontend protocol") => {
+                WireError::Protocol(message)
+                    if message.starts_with("unsupported frontend protocol") =>
+                {
                     Refusal::UnsupportedProtocol(message.clone())
                 }
                 _ => Refusal::from(err.error),
@@ -71,7 +82,11 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream, conn: u64) -> Result<Op
     let Some(user) = startup.get("user").map(str::to_string) else {
         return Err((Some(stream), Refusal::NoUser));
     };
-    let database = startup.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
     let parameters = match options::filter(&startup.parameters, &settings.startup_parameters) {
         Ok(parameters) => parameters,
         Err(message) => return Err((Some(stream), Refusal::StartupParameter(message))),
@@ -79,7 +94,12 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream, conn: u64) -> Result<Op
     let mut out = BytesMut::new();
     negotiate_version(&startup, &mut out);
     messages::auth_cleartext_password(&mut out);
-    let token = match tokio::time::timeout(deadline, request_password(&mut stream, &out, settings.config.client.max_password_bytes)).await {
+    let token = match tokio::time::timeout(
+        deadline,
+        request_password(&mut stream, &out, settings.config.client.max_password_bytes),
+    )
+    .await
+    {
         Ok(Ok(token)) => token,
         Ok(Err(WireError::Closed)) => {
             // psql first connects without a password, then asks for one and reconnects.
@@ -87,7 +107,12 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream, conn: u64) -> Result<Op
             return Ok(None);
         }
         Ok(Err(err)) => return Err((Some(stream), Refusal::from(err))),
-        Err(_) => return Err((Some(stream), Refusal::Protocol("timed out waiting for the password (access token)".into()))),
+        Err(_) => {
+            return Err((
+                Some(stream),
+                Refusal::Protocol("timed out waiting for the password (access token)".into()),
+            ))
+        }
     };
     let identity = match shared.verifier.verify(&token, &user).await {
         Ok(identity) => identity,
@@ -112,7 +137,13 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream, conn: u64) -> Result<Op
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::warn!(role = %grant.role, error = %error, "upstream login failed");
-            return Err((Some(stream), Refusal::Upstream { role: grant.role.clone(), error }));
+            return Err((
+                Some(stream),
+                Refusal::Upstream {
+                    role: grant.role.clone(),
+                    error,
+                },
+            ));
         }
     };
     tracing::info!(
@@ -162,7 +193,11 @@ fn negotiate_version(startup: &StartupMessage, out: &mut BytesMut) {
     }
 }
 
-async fn request_password(stream: &mut ClientStream, request: &[u8], max: usize) -> Result<String, WireError> {
+async fn request_password(
+    stream: &mut ClientStream,
+    request: &[u8],
+    max: usize,
+) -> Result<String, WireError> {
     stream.write_all(request).await?;
     let (tag, body) = read_message(stream, "password message", max).await?;
     if tag != b'p' {
@@ -177,7 +212,9 @@ async fn request_password(stream: &mut ClientStream, request: &[u8], max: usize)
 async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     match shared.cancels.lookup(pid, secret) {
         Some((upstream_pid, upstream_secret)) => {
-            if let Err(err) = upstream::cancel(&shared.settings.upstream, upstream_pid, upstream_secret).await {
+            if let Err(err) =
+                upstream::cancel(&shared.settings.upstream, upstream_pid, upstream_secret).await
+            {
                 tracing::warn!(error = %err, "forwarding a cancel request failed");
             } else {
                 tracing::info!(pid, "cancel request forwarded upstream");

@@ -110,48 +110,85 @@ mod tests {
     use super::*;
 
     fn allowed() -> BTreeSet<String> {
-        ["application_name", "search_path", "statement_timeout", "datestyle"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "application_name",
+            "search_path",
+            "statement_timeout",
+            "datestyle",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     }
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn harmless_parameters_pass_and_identity_ones_are_dropped() {
         let out = filter(
-            &params(&[("user", "alice"), ("database", "app"), ("application_name", "psql"), ("DateStyle", "ISO")]),
-            &allowed(),
-        )
-        .unwrap();
-        assert_eq!(out, params(&[("application_name", "psql"), ("DateStyle", "ISO")]));
-    }
-
-    #[test]
-    fn role_and_replication_are_refused() {
-        let err = filter(&params(&[("role", "postgres")]), &allowed()).unwrap_err();
-        assert_eq!(err, "startup parameter \"role\" is not allowed by pgbastion");
-        let err = filter(&params(&[("replication", "database")]), &allowed()).unwrap_err();
-        assert!(err.contains("replication"), "{err}");
-        assert!(filter(&params(&[("replication", "false")]), &allowed()).unwrap().is_empty());
-    }
-
-    #[test]
-    fn options_may_only_carry_allowed_settings() {
-        let out = filter(
-            &params(&[("options", "-c search_path=app -cstatement_timeout=5s --statement-timeout=1s")]),
+            &params(&[
+                ("user", "alice"),
+                ("database", "app"),
+                ("application_name", "psql"),
+                ("DateStyle", "ISO"),
+            ]),
             &allowed(),
         )
         .unwrap();
         assert_eq!(
             out,
-            params(&[("search_path", "app"), ("statement_timeout", "5s"), ("statement_timeout", "1s")])
+            params(&[("application_name", "psql"), ("DateStyle", "ISO")])
         );
-        for bad in ["-c role=postgres", "-c session_authorization=x", "-c work_mem=1GB", "-d 5", "-c"] {
-            assert!(filter(&params(&[("options", bad)]), &allowed()).is_err(), "{bad}");
+    }
+
+    #[test]
+    fn role_and_replication_are_refused() {
+        let err = filter(&params(&[("role", "postgres")]), &allowed()).unwrap_err();
+        assert_eq!(
+            err,
+            "startup parameter \"role\" is not allowed by pgbastion"
+        );
+        let err = filter(&params(&[("replication", "database")]), &allowed()).unwrap_err();
+        assert!(err.contains("replication"), "{err}");
+        assert!(filter(&params(&[("replication", "false")]), &allowed())
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn options_may_only_carry_allowed_settings() {
+        let out = filter(
+            &params(&[(
+                "options",
+                "-c search_path=app -cstatement_timeout=5s --statement-timeout=1s",
+            )]),
+            &allowed(),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            params(&[
+                ("search_path", "app"),
+                ("statement_timeout", "5s"),
+                ("statement_timeout", "1s")
+            ])
+        );
+        for bad in [
+            "-c role=postgres",
+            "-c session_authorization=x",
+            "-c work_mem=1GB",
+            "-d 5",
+            "-c",
+        ] {
+            assert!(
+                filter(&params(&[("options", bad)]), &allowed()).is_err(),
+                "{bad}"
+            );
         }
     }
 

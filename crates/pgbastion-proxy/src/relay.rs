@@ -84,7 +84,19 @@ impl Session {
         let ledger = Mutex::new(Ledger::default());
         let sentinel = format!("pgbastion_denied_{:016x}", rand::random::<u64>());
         let config = &shared.settings.config;
-        let expiry = Expiry::new(identity.expires_at, config.session.on_token_expiry, config.session.expiry_warning, shared.settings.config.issuers.iter().find(|i| i.issuer == identity.issuer).map(|i| i.leeway).unwrap_or_default());
+        let expiry = Expiry::new(
+            identity.expires_at,
+            config.session.on_token_expiry,
+            config.session.expiry_warning,
+            shared
+                .settings
+                .config
+                .issuers
+                .iter()
+                .find(|i| i.issuer == identity.issuer)
+                .map(|i| i.leeway)
+                .unwrap_or_default(),
+        );
         let ended = {
             let mut to_upstream = ClientToUpstream {
                 client: client_read,
@@ -302,8 +314,12 @@ impl ClientToUpstream<'_> {
             Decision::Allow => Ok(()),
             Decision::Deny(denial) => {
                 tracing::info!(policy = %denial.policy, rule = %denial.rule, reason = %denial.reason, "statement denied");
-                let mut report = Report::new(Severity::Error, codes::INSUFFICIENT_PRIVILEGE, denial.message())
-                    .detail(format!("rule: {}", denial.rule));
+                let mut report = Report::new(
+                    Severity::Error,
+                    codes::INSUFFICIENT_PRIVILEGE,
+                    denial.message(),
+                )
+                .detail(format!("rule: {}", denial.rule));
                 if let Some(hint) = denial.hint {
                     report = report.hint(hint);
                 }
@@ -397,7 +413,9 @@ impl UpstreamToClient<'_> {
                     )
                     .hint("reconnect with a fresh access token before then")
                     .encode(&mut out);
-                    if self.client.write_all(&out).await.is_err() || self.client.flush().await.is_err() {
+                    if self.client.write_all(&out).await.is_err()
+                        || self.client.flush().await.is_err()
+                    {
                         return Ended::ClientGone;
                     }
                 }
@@ -452,7 +470,8 @@ impl UpstreamToClient<'_> {
                     let body = &buf[ready + HEADER_LEN..ready + total];
                     let is_sentinel = messages::error_fields(body).is_ok_and(|fields| {
                         messages::error_field(&fields, b'C') == Some(codes::SYNTAX_ERROR)
-                            && messages::error_field(&fields, b'M').is_some_and(|m| m.contains(self.sentinel))
+                            && messages::error_field(&fields, b'M')
+                                .is_some_and(|m| m.contains(self.sentinel))
                     });
                     let replacement = if is_sentinel {
                         self.ledger.lock().expect("ledger lock").denials.pop_front()
@@ -496,7 +515,12 @@ struct Expiry {
 }
 
 impl Expiry {
-    fn new(expires_at: SystemTime, mode: OnTokenExpiry, warning: std::time::Duration, leeway: std::time::Duration) -> Self {
+    fn new(
+        expires_at: SystemTime,
+        mode: OnTokenExpiry,
+        warning: std::time::Duration,
+        leeway: std::time::Duration,
+    ) -> Self {
         let mut expiry = Expiry {
             expires_at,
             warn_at: None,
@@ -523,4 +547,3 @@ async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
-

@@ -18,21 +18,24 @@ pub enum Refusal {
     StartupParameter(String),
     Auth(AuthError),
     Mapping(MappingError),
-    Upstream { role: String, error: UpstreamError },
-    StatementTooLarge { size: usize, limit: usize },
+    Upstream {
+        role: String,
+        error: UpstreamError,
+    },
+    StatementTooLarge {
+        size: usize,
+        limit: usize,
+    },
     TokenExpired,
     /// Something that should not happen; details are only in the log, under the connection id.
-    Internal { conn: u64 },
+    Internal {
+        conn: u64,
+    },
 }
 
 impl From<WireError> for Refusal {
     fn from(err: WireError) -> Self {
-        match err {
-            WireError::TooLarge { what, size, limit } if what == "statement" => {
-                Refusal::StatementTooLarge { size, limit }
-            }
-            other => Refusal::Protocol(other.to_string()),
-        }
+        Refusal::Protocol(err.to_string())
     }
 }
 

@@ -35,7 +35,11 @@ impl Settings {
             UpstreamTls::Disable => UpstreamTlsMode::Disable,
             UpstreamTls::Require => tls::upstream_require().map_err(|e| e.to_string())?,
             UpstreamTls::VerifyFull => {
-                let path = config.upstream.ca_file.as_ref().ok_or("upstream.ca_file is required")?;
+                let path = config
+                    .upstream
+                    .ca_file
+                    .as_ref()
+                    .ok_or("upstream.ca_file is required")?;
                 let pem = std::fs::read(path)
                     .map_err(|err| format!("upstream.ca_file {}: {err}", path.display()))?;
                 tls::upstream_verify_full(&pem).map_err(|err| format!("upstream.ca_file: {err}"))?
@@ -57,7 +61,13 @@ impl Settings {
         let startup_parameters = DEFAULT_STARTUP_PARAMETERS
             .iter()
             .map(|p| p.to_string())
-            .chain(config.client.extra_startup_parameters.iter().map(|p| p.to_ascii_lowercase()))
+            .chain(
+                config
+                    .client
+                    .extra_startup_parameters
+                    .iter()
+                    .map(|p| p.to_ascii_lowercase()),
+            )
             .collect();
         Ok(Settings {
             config,

@@ -208,7 +208,9 @@ async fn read_packet(stream: &mut ClientStream, max: usize) -> Result<Vec<u8>> {
     read_exact_or_closed(stream, &mut len).await?;
     let len = i32::from_be_bytes(len);
     if len < 8 || len as usize > max {
-        return Err(WireError::protocol(format!("invalid length of startup packet: {len}")));
+        return Err(WireError::protocol(format!(
+            "invalid length of startup packet: {len}"
+        )));
     }
     let mut packet = vec![0u8; len as usize - 4];
     read_exact_or_closed(stream, &mut packet).await?;
@@ -225,7 +227,9 @@ fn parse_parameters(body: &[u8]) -> Result<Vec<(String, String)>> {
         }
         let value = fields.cstr()?;
         if parameters.iter().any(|(k, _)| k == name) {
-            return Err(WireError::protocol(format!("startup parameter \"{name}\" is repeated")));
+            return Err(WireError::protocol(format!(
+                "startup parameter \"{name}\" is repeated"
+            )));
         }
         parameters.push((name.to_string(), value.to_string()));
     }
@@ -240,7 +244,10 @@ mod tests {
         let parameters = parse_parameters(b"user\0alice\0database\0app\0\0").unwrap();
         assert_eq!(
             parameters,
-            [("user".into(), "alice".into()), ("database".into(), "app".into())]
+            [
+                ("user".into(), "alice".into()),
+                ("database".into(), "app".into())
+            ]
         );
     }
 

@@ -5,9 +5,7 @@
 use crate::frame::Fields;
 use crate::{Result, WireError};
 use bytes::{BufMut, BytesMut};
-use pgwire::messages::response::{
-    ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus,
-};
+use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
 };
@@ -207,8 +205,12 @@ mod tests {
 
     #[test]
     fn a_report_round_trips_through_error_fields() {
-        let report = Report::new(Severity::Fatal, crate::codes::INVALID_PASSWORD, "token expired")
-            .hint("get a fresh token");
+        let report = Report::new(
+            Severity::Fatal,
+            crate::codes::INVALID_PASSWORD,
+            "token expired",
+        )
+        .hint("get a fresh token");
         let bytes = report.to_bytes();
         assert_eq!(bytes[0], b'E');
         let fields = error_fields(&bytes[5..]).unwrap();

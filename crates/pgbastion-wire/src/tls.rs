@@ -25,9 +25,12 @@ pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|err| tls_error("certificate", err))?;
     if certs.is_empty() {
-        return Err(WireError::Tls("certificate file holds no certificate".into()));
+        return Err(WireError::Tls(
+            "certificate file holds no certificate".into(),
+        ));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|err| tls_error("private key", err))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|err| tls_error("private key", err))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|err| tls_error("protocol versions", err))?
@@ -65,7 +68,9 @@ pub fn upstream_verify_full(ca_pem: &[u8]) -> Result<UpstreamTlsMode> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         let cert = cert.map_err(|err| tls_error("CA certificate", err))?;
-        roots.add(cert).map_err(|err| tls_error("CA certificate", err))?;
+        roots
+            .add(cert)
+            .map_err(|err| tls_error("CA certificate", err))?;
     }
     if roots.is_empty() {
         return Err(WireError::Tls("CA file holds no certificate".into()));
@@ -101,7 +106,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -110,7 +120,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

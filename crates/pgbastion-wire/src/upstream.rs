@@ -101,8 +101,14 @@ async fn connect_inner(
 ) -> Result<UpstreamConnection, UpstreamError> {
     let mut stream = open(target).await?;
     let mut out = BytesMut::new();
-    let mut parameters: Vec<(&str, &str)> = vec![("user", login.user), ("database", login.database)];
-    parameters.extend(login.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let mut parameters: Vec<(&str, &str)> =
+        vec![("user", login.user), ("database", login.database)];
+    parameters.extend(
+        login
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
     frontend::startup_message(parameters, &mut out).map_err(WireError::from)?;
     stream.write_all(&out).await.map_err(WireError::from)?;
     authenticate(&mut stream, login).await?;
@@ -112,12 +118,13 @@ async fn connect_inner(
 /// TCP connect, then SSLRequest and the TLS handshake when configured.
 async fn open(target: &UpstreamTarget) -> Result<UpstreamStream, UpstreamError> {
     let address = target.address();
-    let mut tcp = TcpStream::connect(&address)
-        .await
-        .map_err(|source| UpstreamError::Unreachable {
-            address: address.clone(),
-            source,
-        })?;
+    let mut tcp =
+        TcpStream::connect(&address)
+            .await
+            .map_err(|source| UpstreamError::Unreachable {
+                address: address.clone(),
+                source,
+            })?;
     // Small request/response messages: Nagle's delay would add latency to every round trip.
     tcp.set_nodelay(true).map_err(WireError::from)?;
     let config = match &target.tls {

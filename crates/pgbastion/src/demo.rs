@@ -12,11 +12,18 @@ use std::process::ExitCode;
 const USERS: &[(&str, &str, &str, &str)] = &[
     ("alice", "analysts", "analyst", "read-only"),
     ("bob", "engineers", "engineer", "read-write"),
-    ("carol", "dbadmins", "demo_owner", "owner of the demo database"),
+    (
+        "carol",
+        "dbadmins",
+        "demo_owner",
+        "owner of the demo database",
+    ),
 ];
 
 pub async fn run(listen: SocketAddr) -> Result<ExitCode> {
-    let dir = tempfile::Builder::new().prefix("pgbastion-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("pgbastion-demo-")
+        .tempdir()?;
     eprintln!("starting PostgreSQL ...");
     let cluster = tokio::task::block_in_place(PgCluster::start).context("starting PostgreSQL")?;
     let issuer = DevIssuer::start("pgbastion").await?;
@@ -29,12 +36,20 @@ pub async fn run(listen: SocketAddr) -> Result<ExitCode> {
     std::fs::write(&config_path, &config_text)?;
     let config = pgbastion_config::parse(&config_text).map_err(|p| anyhow::anyhow!("{p}"))?;
     let proxy = pgbastion_proxy::Proxy::bind(config).await?;
-    let missing = proxy.wait_for_keys(std::time::Duration::from_secs(10)).await;
-    anyhow::ensure!(missing.is_empty(), "the development issuer did not serve its keys");
+    let missing = proxy
+        .wait_for_keys(std::time::Duration::from_secs(10))
+        .await;
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the development issuer did not serve its keys"
+    );
     let address = proxy.local_addr();
     let _ = key;
 
-    println!("pgbastion demo is running: proxy on {address}, config {}", config_path.display());
+    println!(
+        "pgbastion demo is running: proxy on {address}, config {}",
+        config_path.display()
+    );
     println!();
     for (user, group, role, what) in USERS {
         println!("# {user}: group {group} -> role {role} ({what})");
@@ -59,14 +74,22 @@ pub async fn run(listen: SocketAddr) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn demo_config(dir: &Path, listen: SocketAddr, cluster: &PgCluster, issuer: &DevIssuer) -> Result<String> {
+fn demo_config(
+    dir: &Path,
+    listen: SocketAddr,
+    cluster: &PgCluster,
+    issuer: &DevIssuer,
+) -> Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let mut roles = String::new();
     for (_, _, role, _) in USERS {
         let path = dir.join(format!("{role}.password"));
         std::fs::write(&path, cluster.password(role))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        roles.push_str(&format!("\n[upstream.roles.{role}]\npassword_file = \"{}\"\n", path.display()));
+        roles.push_str(&format!(
+            "\n[upstream.roles.{role}]\npassword_file = \"{}\"\n",
+            path.display()
+        ));
     }
     let mut mappings = String::new();
     for (_, group, role, _) in USERS {

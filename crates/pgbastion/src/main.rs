@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "pgbastion", version, about = "Identity-aware PostgreSQL proxy: OIDC access tokens as passwords, least-privilege sessions upstream")]
+#[command(
+    name = "pgbastion",
+    version,
+    about = "Identity-aware PostgreSQL proxy: OIDC access tokens as passwords, least-privilege sessions upstream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,7 +82,9 @@ async fn serve(path: PathBuf) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let proxy = pgbastion_proxy::Proxy::bind(config).await.context("starting")?;
+    let proxy = pgbastion_proxy::Proxy::bind(config)
+        .await
+        .context("starting")?;
     tracing::info!(address = %proxy.local_addr(), "pgbastion listening");
     proxy.run(shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
