@@ -206,7 +206,7 @@ async fn an_unknown_kid_while_the_identity_provider_is_down_is_refused_clearly()
 async fn a_session_ends_when_its_token_expires_after_a_warning() {
     let h = Harness::start_with(|c| {
         c.issuers[0].leeway = Duration::ZERO;
-        c.session.expiry_warning = Duration::from_secs(2);
+        c.session.expiry_warning = Duration::from_secs(4);
     })
     .await;
     let token = h

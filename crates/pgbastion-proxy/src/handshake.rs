@@ -169,7 +169,6 @@ async fn handshake(
         return Ok(None);
     }
     Ok(Some(Session {
-        conn,
         client: stream,
         upstream: upstream.stream,
         upstream_key: (upstream.pid, upstream.secret),

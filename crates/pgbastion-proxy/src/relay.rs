@@ -30,7 +30,6 @@ const WHOLE_MESSAGE: usize = 64 * 1024;
 const READ_BUFFER: usize = 16 * 1024;
 
 pub(crate) struct Session {
-    pub conn: u64,
     pub client: ClientStream,
     pub upstream: UpstreamStream,
     pub upstream_key: (i32, i32),
@@ -69,7 +68,6 @@ struct Ledger {
 impl Session {
     pub async fn run(self) {
         let Session {
-            conn,
             client,
             upstream,
             upstream_key,
@@ -154,7 +152,6 @@ impl Session {
             seconds = started.elapsed().as_secs_f64(),
             "session ended"
         );
-        let _ = conn;
     }
 }
 
