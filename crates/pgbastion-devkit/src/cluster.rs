@@ -254,7 +254,7 @@ fn start_postgres(bin: &Path, dir: &Path, port: u16, owner: Option<(u32, u32)>) 
         .arg(format!("unix_socket_directories={}", dir.display()))
         .args([
             "-c",
-            "max_connections=300",
+            "max_connections=700",
             "-c",
             "fsync=off",
             "-c",

@@ -367,6 +367,12 @@ struct UpstreamToClient<'a> {
 impl UpstreamToClient<'_> {
     async fn run(&mut self) -> Ended {
         let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        // Created once: a timer registered per loop turn would cost a timer-wheel insert and
+        // removal for every batch of messages.
+        let warn = sleep_until(self.expiry.warn_at);
+        let end = sleep_until(self.expiry.end_at);
+        tokio::pin!(warn, end);
+        let (mut warn_fired, mut end_fired) = (false, false);
         loop {
             tokio::select! {
                 read = self.upstream.read_buf(&mut buf) => {
@@ -383,12 +389,12 @@ impl UpstreamToClient<'_> {
                         buf.reserve(READ_BUFFER);
                     }
                 }
-                _ = sleep_until(self.expiry.warn_at) => {
-                    self.expiry.warn_at = None;
+                _ = &mut warn, if !warn_fired => {
+                    warn_fired = true;
                     self.expiry.warning_due = true;
                 }
-                _ = sleep_until(self.expiry.end_at) => {
-                    self.expiry.end_at = None;
+                _ = &mut end, if !end_fired => {
+                    end_fired = true;
                     self.expiry.expired = true;
                 }
             }
@@ -422,6 +428,9 @@ impl UpstreamToClient<'_> {
 
     async fn process(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Ended>> {
         let mut ready = 0;
+        // A sentinel's error can only be in `buf` if its denial was recorded before `buf` was
+        // read, so one look per batch is enough.
+        let mut pending = !self.ledger.lock().expect("ledger lock").denials.is_empty();
         loop {
             if self.passthrough > 0 {
                 let n = self.passthrough.min(buf.len() - ready);
@@ -441,7 +450,6 @@ impl UpstreamToClient<'_> {
                 }
             };
             let available = buf.len() - ready;
-            let pending = !self.ledger.lock().expect("ledger lock").denials.is_empty();
             let inspect = tag == b'Z' || (tag == b'E' && pending);
             if available < total {
                 if inspect || total <= WHOLE_MESSAGE {
@@ -471,7 +479,10 @@ impl UpstreamToClient<'_> {
                                 .is_some_and(|m| m.contains(self.sentinel))
                     });
                     let replacement = if is_sentinel {
-                        self.ledger.lock().expect("ledger lock").denials.pop_front()
+                        let mut ledger = self.ledger.lock().expect("ledger lock");
+                        let denial = ledger.denials.pop_front();
+                        pending = !ledger.denials.is_empty();
+                        denial
                     } else {
                         None
                     };

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Side-by-side pgbench in one run: direct PostgreSQL, PgBouncer (session mode) and pgbastion
+# (TLS verify-full, token authentication, policy decision point on), all in front of the same
+# upstream started by `pgbastion demo`. A second pgbastion without TLS (pgbastion_plain, same
+# config with allow_plaintext on loopback) shows how much of the gap is TLS. Targets are
+# interleaved cell by cell, so ratios within one repetition compare the same stretch of time on
+# a shared machine.
+#
+# Usage: bench/compare.sh
+# Environment (optional):
+#   DURATION=15        seconds per pgbench run        REPEAT=2    repetitions per cell
+#   CLIENTS="1 8"      client counts                  PROTOCOLS="prepared simple"
+#   SCALE=10           pgbench -i scale               IDLE=500    idle sessions for the memory check (0: skip)
+#   SHARED_BENCH=../shared/bench   where start-pgbouncer.sh lives
+# Prints CSV lines (label,protocol,clients,rep,tps,median_latency_us) and a summary of ratios.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+shared=${SHARED_BENCH:-$root/../shared/bench}
+DURATION=${DURATION:-15}
+REPEAT=${REPEAT:-2}
+CLIENTS=${CLIENTS:-1 8}
+PROTOCOLS=${PROTOCOLS:-prepared simple}
+SCALE=${SCALE:-10}
+IDLE=${IDLE:-500}
+
+command -v pgbench >/dev/null || { echo "pgbench not found (apt-get install postgresql-client)" >&2; exit 2; }
+[ -x "$shared/start-pgbouncer.sh" ] || { echo "start-pgbouncer.sh not found in $shared" >&2; exit 2; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+work=$(mktemp -d /tmp/pgbastion-bench.XXXXXX)
+chmod 755 "$work"
+demo_pid=""
+plain_pid=""
+cleanup() {
+    [ -n "$plain_pid" ] && kill "$plain_pid" 2>/dev/null && wait "$plain_pid" 2>/dev/null || true
+    [ -n "${pgb_dir:-}" ] && PGB_DIR=$pgb_dir "$shared/start-pgbouncer.sh" stop session >/dev/null 2>&1 || true
+    [ -n "$demo_pid" ] && kill "$demo_pid" 2>/dev/null && wait "$demo_pid" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release -q -p pgbastion --manifest-path "$root/Cargo.toml"
+proxy_port=$(free_port)
+"$root/target/release/pgbastion" demo --listen "127.0.0.1:$proxy_port" >"$work/demo.out" 2>"$work/demo.err" &
+demo_pid=$!
+for _ in $(seq 1 600); do grep -q '^upstream:' "$work/demo.out" 2>/dev/null && break; sleep 0.1; done
+grep -q '^upstream:' "$work/demo.out" || { cat "$work/demo.err" >&2; exit 1; }
+
+# upstream: postgresql://demo_owner:PASSWORD@127.0.0.1:PORT/demo
+upstream=$(sed -n 's/^upstream: //p' "$work/demo.out")
+up_password=$(echo "$upstream" | sed -E 's|postgresql://[^:]+:([^@]+)@.*|\1|')
+up_port=$(echo "$upstream" | sed -E 's|.*:([0-9]+)/demo$|\1|')
+token_url=$(grep -o 'http://[^ )]*/token/carol' "$work/demo.out" | head -1)
+rootcert=$(grep -o 'sslrootcert=[^"]*' "$work/demo.out" | head -1 | cut -d= -f2)
+
+# The same configuration without TLS, for the diagnostic target.
+plain_port=$(free_port)
+config_path=$(grep -o '/tmp/pgbastion-demo-[^ ]*/pgbastion.toml' "$work/demo.out" | head -1)
+sed -e "s/^address = .*/address = \"127.0.0.1:$plain_port\"\nallow_plaintext = true/" "$config_path" >"$work/plain.toml"
+"$root/target/release/pgbastion" serve --config "$work/plain.toml" >"$work/plain.log" 2>&1 &
+plain_pid=$!
+
+PGPASSWORD=$up_password pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$up_port" -U demo_owner demo >/dev/null 2>&1
+
+pgb_port=$(free_port)
+pgb_dir=$work/pgbouncer
+PG_HOST=127.0.0.1 PG_PORT=$up_port BENCH_DB=demo BENCH_USER=demo_owner BENCH_PASSWORD=$up_password \
+    PGB_PORT=$pgb_port PGB_DIR=$pgb_dir "$shared/start-pgbouncer.sh" session >/dev/null
+
+# target_env LABEL -> the libpq environment for that target
+target_env() {
+    case "$1" in
+        direct) echo "PGHOST=127.0.0.1 PGPORT=$up_port PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=disable" ;;
+        pgbouncer) echo "PGHOST=127.0.0.1 PGPORT=$pgb_port PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=disable" ;;
+        pgbastion_plain) echo "PGHOST=127.0.0.1 PGPORT=$plain_port PGUSER=carol PGPASSWORD=$(curl -s "$token_url") PGSSLMODE=disable" ;;
+        pgbastion) echo "PGHOST=127.0.0.1 PGPORT=$proxy_port PGUSER=carol PGPASSWORD=$(curl -s "$token_url") PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
+    esac
+}
+
+# run LABEL PROTOCOL CLIENTS REP: prints one CSV line
+run() {
+    local label=$1 proto=$2 c=$3 rep=$4 j=2 logdir
+    [ "$c" -lt 2 ] && j=1
+    logdir=$(mktemp -d "$work/log.XXXX")
+    local out
+    out=$(cd "$logdir" && env $(target_env "$label") PGDATABASE=demo \
+        pgbench -n -S -M "$proto" -c "$c" -j "$j" -T "$DURATION" -l 2>&1) || { echo "$label,$proto,$c,$rep,FAIL,FAIL"; echo "$out" >&2; return; }
+    local tps median
+    tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p')
+    # Per-transaction log: client_id transaction_no latency_us script_no epoch epoch_us
+    median=$(cat "$logdir"/pgbench_log.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    rm -rf "$logdir"
+    echo "$label,$proto,$c,$rep,$tps,$median"
+}
+
+echo "label,protocol,clients,rep,tps,median_latency_us" | tee "$work/results.csv"
+for rep in $(seq 1 "$REPEAT"); do
+    for proto in $PROTOCOLS; do
+        for c in $CLIENTS; do
+            order="direct pgbouncer pgbastion pgbastion_plain"
+            [ $((rep % 2)) -eq 0 ] && order="pgbastion_plain pgbastion pgbouncer direct"
+            for label in $order; do run "$label" "$proto" "$c" "$rep" | tee -a "$work/results.csv"; done
+        done
+    done
+done
+
+echo
+echo "summary (per cell: mean over repetitions of the same-run ratios)"
+awk -F, 'NR > 1 && $5 != "FAIL" { tps[$1","$2","$3","$4] = $5; lat[$1","$2","$3","$4] = $6; cells[$2","$3] = 1; reps[$4] = 1 }
+END {
+    for (cell in cells) {
+        n = 0; rb = 0; rd = 0; rp = 0; added = 0
+        for (r in reps) {
+            k = "," cell "," r
+            if (("pgbastion" k) in tps && ("pgbouncer" k) in tps && ("direct" k) in tps) {
+                n++; rb += tps["pgbastion" k] / tps["pgbouncer" k]; rd += tps["pgbastion" k] / tps["direct" k]
+                if (("pgbastion_plain" k) in tps) rp += tps["pgbastion_plain" k] / tps["pgbouncer" k]
+                added += lat["pgbastion" k] - lat["direct" k]
+            }
+        }
+        if (n) printf "%-14s pgbastion/pgbouncer %.2fx  pgbastion/direct %.2fx  median latency added %d us  (without TLS: pgbastion/pgbouncer %.2fx)\n", cell, rb / n, rd / n, added / n, rp / n
+    }
+}' "$work/results.csv" | sort
+
+if [ "$IDLE" -gt 0 ]; then
+    rss() { awk '/^VmRSS:/ {print $2}' "/proc/$demo_pid/status"; }
+    before=$(rss)
+    printf '\\sleep 20 s\n' > "$work/idle.sql"
+    ( env $(target_env pgbastion) PGDATABASE=demo pgbench -n -f "$work/idle.sql" -c "$IDLE" -j 2 -T 25 >/dev/null 2>&1 ) &
+    bench=$!
+    peak=$before
+    for _ in $(seq 1 40); do
+        sleep 0.5
+        now=$(rss); [ "$now" -gt "$peak" ] && peak=$now
+    done
+    wait "$bench" || true
+    echo "idle sessions: $IDLE, proxy RSS before ${before} KiB, peak ${peak} KiB, $(( (peak - before) / IDLE )) KiB per session"
+fi
