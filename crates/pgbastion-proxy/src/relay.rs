@@ -250,9 +250,15 @@ impl ClientToUpstream<'_> {
                             ready += total;
                         }
                         Err(report) => {
+                            let statement = match tag {
+                                b'P' => messages::parse_message(body)
+                                    .map(|p| p.statement.to_string())
+                                    .unwrap_or_default(),
+                                _ => String::new(),
+                            };
                             self.flush_ready(buf, &mut ready).await?;
                             buf.advance(total);
-                            self.deny(tag, report).await?;
+                            self.deny(tag, &statement, report).await?;
                         }
                     }
                 }
@@ -325,8 +331,11 @@ impl ClientToUpstream<'_> {
         }
     }
 
-    /// Sends the sentinel in place of the denied message and records the denial.
-    async fn deny(&mut self, tag: u8, report: Report) -> std::io::Result<()> {
+    /// Sends the sentinel in place of the denied message and records the denial. A denied
+    /// Parse becomes a Parse of the sentinel under the same statement name: it fails before
+    /// anything is stored, so that name stays undefined upstream and other statements, the
+    /// unnamed one included, are untouched.
+    async fn deny(&mut self, tag: u8, statement: &str, report: Report) -> std::io::Result<()> {
         let mut out = BytesMut::new();
         {
             let mut ledger = self.ledger.lock().expect("ledger lock");
@@ -334,8 +343,8 @@ impl ClientToUpstream<'_> {
             ledger.denials.push_back(PendingDenial { group, report });
             match tag {
                 b'P' => {
-                    // Same statement name, so a later Bind of it fails as it would have.
                     let mut body = BytesMut::new();
+                    body.extend_from_slice(statement.as_bytes());
                     body.extend_from_slice(b"\0");
                     body.extend_from_slice(self.sentinel.as_bytes());
                     body.extend_from_slice(b"\0\0\0");
