@@ -203,7 +203,7 @@ fn config_text(dir: &tempfile::TempDir, cluster: &PgCluster, issuer: &DevIssuer)
             path.display()
         ));
         mappings.push_str(&format!(
-            "\n[[mappings]]\nname = \"{group}\"\ngroups_any = [\"{group}\"]\nrole = \"{role}\"\ndatabases = [\"demo\", \"postgres\"]\n"
+            "\n[[mappings]]\nname = \"{group}\"\ngroups_any = [\"{group}\"]\nrole = \"{role}\"\ndatabases = [\"demo\", \"postgres\"]\npolicy = \"{group}\"\n"
         ));
     }
     Ok(format!(
@@ -224,7 +224,8 @@ jwks_min_refetch = "0s"
 host = "127.0.0.1"
 port = {port}
 tls = "disable"
-{roles}{mappings}"#,
+{roles}{mappings}{policies}"#,
+        policies = pgbastion_devkit::DEMO_POLICIES,
         dir = dir.path().display(),
         issuer = issuer.issuer(),
         port = cluster.port,

@@ -78,6 +78,10 @@ name = "analysts"
 groups_any = ["analysts"]
 role = "analyst"
 databases = ["app"]
+policy = "analysts"
+
+[policies.analysts]
+allow = ["read", "session"]
 "#;
 
     #[test]
@@ -106,7 +110,8 @@ databases = ["app"]
                 "audiences = [\"pgbastion\"]",
                 "audiences = []\nalgorithms = [\"HS256\"]",
             )
-            .replace("role = \"analyst\"", "role = \"nobody\"");
+            .replace("role = \"analyst\"", "role = \"nobody\"")
+            .replace("policy = \"analysts\"", "policy = \"missing\"");
         let problems = parse(&text).unwrap_err();
         let paths: Vec<_> = problems.0.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
@@ -115,7 +120,8 @@ databases = ["app"]
                 "listen.allow_plaintext",
                 "issuers[0].audiences",
                 "issuers[0].algorithms[0]",
-                "mappings[0].role"
+                "mappings[0].role",
+                "mappings[0].policy"
             ]
         );
         assert!(problems.0.iter().all(|p| p.line.is_some()), "{problems}");

@@ -23,6 +23,9 @@ pub struct Config {
     pub upstream: Upstream,
     #[serde(default)]
     pub mappings: Vec<Mapping>,
+    /// Statement policies by name, referenced by mapping rules.
+    #[serde(default)]
+    pub policies: BTreeMap<String, Policy>,
 }
 
 /// Where clients connect.
@@ -227,9 +230,95 @@ pub struct Mapping {
     pub role: String,
     /// Databases this rule allows; `"*"` allows any.
     pub databases: Vec<String>,
-    /// The statement policy applied to the session.
-    #[serde(default = "defaults::policy")]
+    /// The statement policy applied to the session: a key of `[policies]`.
     pub policy: String,
+}
+
+/// Kinds of statement a policy allows. Transaction control is always allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementClass {
+    /// SELECT, VALUES, SHOW, EXPLAIN without ANALYZE, COPY TO STDOUT, FETCH.
+    Read,
+    /// INSERT, UPDATE, DELETE, MERGE, TRUNCATE, COPY FROM STDIN, SELECT INTO.
+    Write,
+    /// CREATE, ALTER, DROP, COMMENT and other schema changes.
+    Ddl,
+    /// GRANT, REVOKE, roles.
+    Dcl,
+    /// VACUUM, ANALYZE, LOAD, COPY to or from server files or programs, and anything unrecognised.
+    Admin,
+    /// CALL (and DO, which cannot be analysed).
+    Procedural,
+    /// LISTEN, UNLISTEN, NOTIFY.
+    Listen,
+    /// SQL-level PREPARE, EXECUTE, DEALLOCATE, DECLARE CURSOR (their bodies are analysed too).
+    Prepared,
+    /// SET, RESET, DISCARD of settings that are not guarded.
+    Session,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT: always allowed.
+    Transaction,
+}
+
+impl StatementClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementClass::Read => "read",
+            StatementClass::Write => "write",
+            StatementClass::Ddl => "ddl",
+            StatementClass::Dcl => "dcl",
+            StatementClass::Admin => "admin",
+            StatementClass::Procedural => "procedural",
+            StatementClass::Listen => "listen",
+            StatementClass::Prepared => "prepared",
+            StatementClass::Session => "session",
+            StatementClass::Transaction => "transaction",
+        }
+    }
+}
+
+/// A statement policy: what the sessions it applies to may run.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Statement classes allowed (transaction control always is).
+    pub allow: Vec<StatementClass>,
+    /// Refuse every statement that could change data or schema, whatever `allow` says.
+    #[serde(default)]
+    pub read_only: bool,
+    /// UPDATE and DELETE need a WHERE clause that references a column.
+    #[serde(default)]
+    pub require_where: bool,
+    /// Relation patterns (`schema.table`, `*` matches any run of characters) this policy may
+    /// not read. A view or table function counts by its own name.
+    #[serde(default)]
+    pub deny_read: Vec<String>,
+    /// Relation patterns this policy may not write.
+    #[serde(default)]
+    pub deny_write: Vec<String>,
+    /// If not empty, only these relation patterns may be read.
+    #[serde(default)]
+    pub allow_read: Vec<String>,
+    /// If not empty, only these relation patterns may be written.
+    #[serde(default)]
+    pub allow_write: Vec<String>,
+    /// Columns (`schema.table.column`) that may not be read in any way: by name, by `*`, by a
+    /// whole-row reference, or in a condition.
+    #[serde(default)]
+    pub deny_columns: Vec<String>,
+    /// Functions (`name` or `schema.name`) to refuse besides the built-in dangerous ones.
+    #[serde(default)]
+    pub deny_functions: Vec<String>,
+    /// Built-in dangerous functions this policy may call anyway.
+    #[serde(default)]
+    pub allow_functions: Vec<String>,
+    /// Refuse changing search_path, which would change what unqualified names mean.
+    #[serde(default = "defaults::yes")]
+    pub guard_search_path: bool,
+    /// Forward statements pgbastion cannot parse, unchecked. Dangerous: anything the parser
+    /// does not understand then reaches PostgreSQL without a decision.
+    #[serde(default)]
+    pub allow_unparsed: bool,
 }
 
 mod defaults {
@@ -289,7 +378,7 @@ mod defaults {
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)
     }
-    pub fn policy() -> String {
-        "default".into()
+    pub fn yes() -> bool {
+        true
     }
 }

@@ -67,6 +67,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     issuers(&config.issuers, &mut out);
     upstream(&config.upstream, &mut out);
     mappings(config, &mut out);
+    policies(config, &mut out);
     out.0
 }
 
@@ -224,12 +225,52 @@ fn mappings(config: &Config, out: &mut Collector) {
                 "list the databases this rule allows, or [\"*\"]",
             );
         }
+        if !config.policies.contains_key(&mapping.policy) {
+            out.add(
+                format!("{path}.policy"),
+                format!(
+                    "policy '{}' is not defined: add [policies.{}]",
+                    mapping.policy, mapping.policy
+                ),
+            );
+        }
         if let Some(issuer) = &mapping.issuer {
             if !config.issuers.iter().any(|i| &i.issuer == issuer) {
                 out.add(
                     format!("{path}.issuer"),
                     format!("'{issuer}' is not one of [[issuers]]"),
                 );
+            }
+        }
+    }
+}
+
+fn policies(config: &Config, out: &mut Collector) {
+    for (name, policy) in &config.policies {
+        let path = format!("policies.{name}");
+        for (i, column) in policy.deny_columns.iter().enumerate() {
+            if column.split('.').count() != 3 {
+                out.add(
+                    format!("{path}.deny_columns[{i}]"),
+                    format!("'{column}' must be schema.table.column"),
+                );
+            }
+        }
+        for (key, patterns) in [
+            ("deny_read", &policy.deny_read),
+            ("deny_write", &policy.deny_write),
+            ("allow_read", &policy.allow_read),
+            ("allow_write", &policy.allow_write),
+        ] {
+            for (i, pattern) in patterns.iter().enumerate() {
+                if pattern.split('.').count() != 2 {
+                    out.add(
+                        format!("{path}.{key}[{i}]"),
+                        format!(
+                            "'{pattern}' must be schema.table (use * as a wildcard, e.g. public.*)"
+                        ),
+                    );
+                }
             }
         }
     }

@@ -87,7 +87,7 @@ async fn handshake(
         .filter(|d| !d.is_empty())
         .unwrap_or(&user)
         .to_string();
-    let parameters = match options::filter(&startup.parameters, &settings.startup_parameters) {
+    let mut parameters = match options::filter(&startup.parameters, &settings.startup_parameters) {
         Ok(parameters) => parameters,
         Err(message) => return Err((Some(stream), Refusal::StartupParameter(message))),
     };
@@ -123,6 +123,16 @@ async fn handshake(
         Ok(grant) => grant,
         Err(err) => return Err((Some(stream), Refusal::Mapping(err))),
     };
+    let Some(policy) = settings.policies.get(&grant.policy).cloned() else {
+        tracing::error!(policy = %grant.policy, "mapping names an undefined policy");
+        return Err((Some(stream), Refusal::Internal { conn }));
+    };
+    if policy.read_only() {
+        // Defence in depth: PostgreSQL itself refuses writes in a read-only session.
+        parameters.retain(|(name, _)| !name.eq_ignore_ascii_case("default_transaction_read_only"));
+        parameters.push(("default_transaction_read_only".into(), "on".into()));
+    }
+    let search_path = options::search_path(&parameters, &grant.role);
     let Some(password) = settings.role_passwords.get(&grant.role) else {
         tracing::error!(role = %grant.role, "no credential for mapped role");
         return Err((Some(stream), Refusal::Internal { conn }));
@@ -174,6 +184,8 @@ async fn handshake(
         upstream_key: (upstream.pid, upstream.secret),
         identity,
         grant,
+        policy,
+        search_path,
         cancel,
         shared: shared.clone(),
     }))

@@ -37,6 +37,35 @@ pub fn filter(
     Ok(out)
 }
 
+/// The search_path the session starts with: the client's startup setting, else PostgreSQL's
+/// default `"$user", public`; `$user` becomes the role.
+pub fn search_path(parameters: &[(String, String)], role: &str) -> Vec<String> {
+    let value = parameters
+        .iter()
+        .rev()
+        .find(|(name, _)| name.eq_ignore_ascii_case("search_path"))
+        .map(|(_, value)| value.as_str())
+        .unwrap_or("\"$user\", public");
+    value
+        .split(',')
+        .map(|part| {
+            let part = part.trim();
+            match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => part.to_ascii_lowercase(),
+            }
+        })
+        .map(|schema| {
+            if schema == "$user" {
+                role.to_string()
+            } else {
+                schema
+            }
+        })
+        .filter(|schema| !schema.is_empty())
+        .collect()
+}
+
 fn check(name: &str, allowed: &BTreeSet<String>, what: &str) -> Result<(), String> {
     let lower = name.to_ascii_lowercase();
     if FORBIDDEN_STARTUP_PARAMETERS.contains(&lower.as_str()) || !allowed.contains(&lower) {
@@ -190,6 +219,13 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_search_path_defaults_to_user_then_public() {
+        assert_eq!(search_path(&[], "analyst"), ["analyst", "public"]);
+        let given = params(&[("search_path", "App, \"Mixed\", $user")]);
+        assert_eq!(search_path(&given, "analyst"), ["app", "Mixed", "analyst"]);
     }
 
     #[test]

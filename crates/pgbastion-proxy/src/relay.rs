@@ -13,7 +13,7 @@ use crate::reply::Refusal;
 use bytes::{Buf, BytesMut};
 use pgbastion_auth::{Grant, Identity};
 use pgbastion_config::OnTokenExpiry;
-use pgbastion_policy::{decide, Decision, Principal, Request};
+use pgbastion_policy::{decide, CompiledPolicy, Decision, Principal, Request};
 use pgbastion_wire::frame::{header, HEADER_LEN};
 use pgbastion_wire::messages::{self, Report, Severity};
 use pgbastion_wire::stream::{ClientStream, UpstreamStream};
@@ -35,6 +35,9 @@ pub(crate) struct Session {
     pub upstream_key: (i32, i32),
     pub identity: Identity,
     pub grant: Grant,
+    pub policy: Arc<CompiledPolicy>,
+    /// The session's search_path as the policy resolves unqualified names with it.
+    pub search_path: Vec<String>,
     pub cancel: CancelKey,
     pub shared: Arc<Shared>,
 }
@@ -73,6 +76,8 @@ impl Session {
             upstream_key,
             identity,
             grant,
+            policy,
+            search_path,
             cancel,
             shared,
         } = self;
@@ -104,7 +109,8 @@ impl Session {
                 principal: Principal {
                     user: &identity.user,
                     role: &grant.role,
-                    policy: &grant.policy,
+                    policy: &policy,
+                    search_path: &search_path,
                 },
                 max_statement: config.client.max_statement_bytes,
                 passthrough: 0,
@@ -316,11 +322,11 @@ impl ClientToUpstream<'_> {
         match decide(&self.principal, &request) {
             Decision::Allow => Ok(()),
             Decision::Deny(denial) => {
-                tracing::info!(policy = %denial.policy, rule = %denial.rule, reason = %denial.reason, "statement denied");
+                tracing::info!(policy = %denial.policy, rule = %denial.rule, message = %denial.message, "statement denied");
                 let mut report = Report::new(
                     Severity::Error,
                     codes::INSUFFICIENT_PRIVILEGE,
-                    denial.message(),
+                    denial.message,
                 )
                 .detail(format!("rule: {}", denial.rule));
                 if let Some(hint) = denial.hint {

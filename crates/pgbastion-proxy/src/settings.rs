@@ -2,6 +2,7 @@
 //! Built once at start; everything a connection needs, ready to use.
 
 use pgbastion_config::{Config, Secret, UpstreamTls, DEFAULT_STARTUP_PARAMETERS};
+use pgbastion_policy::CompiledPolicy;
 use pgbastion_wire::tls::{self, UpstreamTlsMode};
 use pgbastion_wire::upstream::UpstreamTarget;
 use rustls::ServerConfig;
@@ -16,6 +17,8 @@ pub struct Settings {
     pub role_passwords: BTreeMap<String, Secret>,
     /// Lower-cased names of startup parameters a client may pass upstream.
     pub startup_parameters: BTreeSet<String>,
+    /// Statement policies by name, ready for deciding.
+    pub policies: BTreeMap<String, Arc<CompiledPolicy>>,
 }
 
 impl Settings {
@@ -69,7 +72,13 @@ impl Settings {
                     .map(|p| p.to_ascii_lowercase()),
             )
             .collect();
+        let policies = config
+            .policies
+            .iter()
+            .map(|(name, policy)| (name.clone(), Arc::new(CompiledPolicy::new(name, policy))))
+            .collect();
         Ok(Settings {
+            policies,
             config,
             client_tls,
             upstream,

@@ -114,7 +114,8 @@ audiences = ["pgbastion"]
 host = "127.0.0.1"
 port = {port}
 tls = "disable"
-{roles}{mappings}"#,
+{roles}{mappings}{policies}"#,
+        policies = pgbastion_devkit::DEMO_POLICIES,
         dir = dir.display(),
         issuer = issuer.issuer(),
         port = cluster.port,

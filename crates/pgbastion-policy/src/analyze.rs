@@ -1,0 +1,455 @@
+//! Statement analysis: SQL text in, for each statement what it is (classes), what it reads
+//! and writes, which functions it calls, which columns and settings it touches.
+//! Parsing uses sqlparser's PostgreSQL dialect; anything it cannot parse is an error, and the
+//! caller denies it.
+
+use crate::names::{ident, Name};
+use pgbastion_config::StatementClass;
+use sqlparser::ast::{
+    CopySource, CopyTarget, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments,
+    ObjectType, Query, Reset, Select, SelectItem, SelectItemQualifiedWildcardKind, Set, SetExpr,
+    Statement, TableFactor, TableObject, TransactionAccessMode, TransactionMode, Value, Visit,
+    Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
+
+/// One function call found in a statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub name: Name,
+    /// The first argument when it is a string literal (set_config's setting name).
+    pub first_literal: Option<String>,
+    /// Whether a first argument exists at all.
+    pub has_args: bool,
+}
+
+/// What one statement does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatementInfo {
+    pub classes: BTreeSet<StatementClass>,
+    pub reads: BTreeSet<Name>,
+    pub writes: BTreeSet<Name>,
+    pub calls: Vec<Call>,
+    /// Column references as written: `col`, `t.col`, `s.t.col` (normalised parts).
+    pub columns: Vec<Vec<String>>,
+    /// `*` (None) and `q.*` (Some(q)) in select lists and as expressions.
+    pub wildcards: Vec<Option<String>>,
+    /// Table alias (or bare table name) -> relation, for qualified columns and whole-row references.
+    pub aliases: BTreeMap<String, Name>,
+    /// Settings the statement changes (SET, RESET, SET ROLE, ...), lower-cased.
+    pub settings: Vec<String>,
+    /// "UPDATE" or "DELETE" when it has no WHERE clause referencing a column.
+    pub unfiltered: Option<&'static str>,
+    /// BEGIN or SET TRANSACTION asking for READ WRITE.
+    pub read_write: bool,
+}
+
+/// Parses `sql` and analyses every statement in it.
+pub fn analyze(sql: &str) -> Result<Vec<StatementInfo>, String> {
+    let statements =
+        Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|err| err.to_string())?;
+    Ok(statements.iter().map(analyze_statement).collect())
+}
+
+fn analyze_statement(statement: &Statement) -> StatementInfo {
+    let mut collector = Collector {
+        info: StatementInfo::default(),
+        ctes: BTreeSet::new(),
+    };
+    let _ = statement.visit(&mut collector);
+    let mut info = collector.info;
+    // A bare name that is a CTE of the statement is not a relation.
+    let ctes = collector.ctes;
+    info.reads
+        .retain(|n| n.schema.is_some() || !ctes.contains(&n.name));
+    // Class of the top-level statement (nested DML was classed while visiting).
+    top_level(statement, &mut info);
+    if info.classes.is_empty() {
+        info.classes.insert(StatementClass::Admin);
+    }
+    info
+}
+
+/// Classes that depend on the statement as a whole rather than on its parts.
+fn top_level(statement: &Statement, info: &mut StatementInfo) {
+    use StatementClass::*;
+    let class = match statement {
+        Statement::Query(_) => Read,
+        Statement::Explain {
+            analyze, options, ..
+        } => {
+            let analyze = *analyze
+                || options
+                    .iter()
+                    .flatten()
+                    .any(|o| ident(&o.name) == "analyze");
+            if !analyze {
+                // Without ANALYZE nothing runs: what the inner statement would do is not done.
+                info.classes.clear();
+                info.writes.clear();
+            }
+            Read
+        }
+        Statement::ExplainTable { .. }
+        | Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. } => Read,
+        Statement::Fetch { .. } | Statement::Close { .. } => Read,
+        Statement::Insert(_)
+        | Statement::Update(_)
+        | Statement::Delete(_)
+        | Statement::Merge(_) => Write,
+        Statement::Truncate(truncate) => {
+            for target in &truncate.table_names {
+                if let Some(name) = Name::from_object(&target.name) {
+                    info.writes.insert(name);
+                }
+            }
+            Write
+        }
+        Statement::Copy {
+            source, to, target, ..
+        } => {
+            let table = match source {
+                CopySource::Table { table_name, .. } => Name::from_object(table_name),
+                CopySource::Query(_) => None,
+            };
+            match (to, target) {
+                (true, CopyTarget::Stdout) => {
+                    info.reads.extend(table);
+                    Read
+                }
+                (false, CopyTarget::Stdin) => {
+                    info.writes.extend(table);
+                    Write
+                }
+                // Server-side files and programs: the server's filesystem and shell.
+                _ => {
+                    info.reads.extend(table);
+                    Admin
+                }
+            }
+        }
+        Statement::CreateTable(create) => {
+            if create.query.is_some() {
+                info.classes.insert(Write);
+            }
+            Ddl
+        }
+        Statement::StartTransaction { modes, .. }
+        | Statement::Set(Set::SetTransaction { modes, .. }) => {
+            info.read_write |= modes.iter().any(|m| {
+                matches!(
+                    m,
+                    TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)
+                )
+            });
+            Transaction
+        }
+        Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => Transaction,
+        Statement::Set(set) => {
+            settings_of(set, &mut info.settings);
+            Session
+        }
+        Statement::Reset(reset) => {
+            match &reset.reset {
+                Reset::ALL => {}
+                Reset::SessionAuthorization => info.settings.push("session_authorization".into()),
+                Reset::ConfigurationParameter(name) => info.settings.push(setting_name(name)),
+            }
+            Session
+        }
+        Statement::Discard { .. } => Session,
+        Statement::LISTEN { .. } | Statement::UNLISTEN { .. } | Statement::NOTIFY { .. } => Listen,
+        Statement::Prepare { .. }
+        | Statement::Execute { .. }
+        | Statement::Deallocate { .. }
+        | Statement::Declare { .. } => Prepared,
+        Statement::Call(_) => Procedural,
+        Statement::Grant(_)
+        | Statement::Revoke(_)
+        | Statement::GrantRole(_)
+        | Statement::RevokeRole(_)
+        | Statement::CreateRole(_)
+        | Statement::AlterRole { .. }
+        | Statement::CreateUser(_)
+        | Statement::AlterUser(_) => Dcl,
+        Statement::Drop {
+            object_type: ObjectType::Role | ObjectType::User,
+            ..
+        } => Dcl,
+        Statement::Vacuum(_) | Statement::Analyze(_) | Statement::Load { .. } => Admin,
+        other => {
+            // Everything else is schema work or administration; unknown means admin.
+            let text = other.to_string();
+            let first = text
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            match first.as_str() {
+                "CREATE" | "ALTER" | "DROP" | "COMMENT" | "REFRESH" => Ddl,
+                _ => Admin,
+            }
+        }
+    };
+    info.classes.insert(class);
+}
+
+fn setting_name(name: &sqlparser::ast::ObjectName) -> String {
+    name.0
+        .iter()
+        .map(|part| match part {
+            sqlparser::ast::ObjectNamePart::Identifier(i) => ident(i),
+            sqlparser::ast::ObjectNamePart::Function(_) => String::new(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn settings_of(set: &Set, out: &mut Vec<String>) {
+    match set {
+        Set::SingleAssignment { variable, .. } => out.push(setting_name(variable)),
+        Set::ParenthesizedAssignments { variables, .. } => {
+            out.extend(variables.iter().map(setting_name))
+        }
+        Set::MultipleAssignments { assignments } => {
+            out.extend(assignments.iter().map(|a| setting_name(&a.name)))
+        }
+        Set::SetSessionAuthorization(_) => out.push("session_authorization".into()),
+        Set::SetRole { .. } => out.push("role".into()),
+        Set::SetTimeZone { .. } => out.push("timezone".into()),
+        Set::SetNames { .. } => out.push("client_encoding".into()),
+        Set::SetSessionParam(_) => out.push("session_param".into()),
+        #[allow(unreachable_patterns)]
+        _ => out.push("unknown".into()),
+    }
+}
+
+struct Collector {
+    info: StatementInfo,
+    ctes: BTreeSet<String>,
+}
+
+impl Visitor for Collector {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                self.ctes.insert(ident(&cte.alias.name));
+            }
+        }
+        self.select_items(&query.body);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        if select.into.is_some() {
+            // SELECT INTO creates a table from the result.
+            self.info.classes.insert(StatementClass::Ddl);
+            self.info.classes.insert(StatementClass::Write);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table {
+                name, alias, args, ..
+            } => {
+                let Some(name) = Name::from_object(name) else {
+                    return ControlFlow::Continue(());
+                };
+                if args.is_some() {
+                    // A set-returning function in FROM, e.g. generate_series(1, 3).
+                    self.info.calls.push(Call {
+                        name,
+                        first_literal: None,
+                        has_args: true,
+                    });
+                } else {
+                    let key = match alias {
+                        Some(alias) => ident(&alias.name),
+                        None => name.name.clone(),
+                    };
+                    self.info.aliases.insert(key, name.clone());
+                    self.info.reads.insert(name);
+                }
+            }
+            TableFactor::Function { name, args, .. } => {
+                if let Some(name) = Name::from_object(name) {
+                    self.info.calls.push(call(name, args));
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        match expr {
+            Expr::Identifier(i) => self.info.columns.push(vec![ident(i)]),
+            Expr::CompoundIdentifier(parts) => {
+                self.info.columns.push(parts.iter().map(ident).collect())
+            }
+            Expr::Wildcard(_) => self.info.wildcards.push(None),
+            Expr::QualifiedWildcard(name, _) => self
+                .info
+                .wildcards
+                .push(Name::from_object(name).map(|n| n.name)),
+            Expr::Function(function) => {
+                if let Some(name) = Name::from_object(&function.name) {
+                    let args = match &function.args {
+                        FunctionArguments::List(list) => list.args.as_slice(),
+                        _ => &[],
+                    };
+                    self.info.calls.push(call(name, args));
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        // Every data-modifying statement, at the top or nested in a CTE or PREPARE.
+        match statement {
+            Statement::Insert(insert) => {
+                self.info.classes.insert(StatementClass::Write);
+                if let TableObject::TableName(name) = &insert.table {
+                    if let Some(name) = Name::from_object(name) {
+                        if let Some(alias) = &insert.table_alias {
+                            self.info.aliases.insert(ident(&alias.alias), name.clone());
+                        }
+                        self.info.writes.insert(name);
+                    }
+                }
+            }
+            Statement::Update(update) => {
+                self.info.classes.insert(StatementClass::Write);
+                self.write_target(&update.table.relation);
+                if !filters(update.selection.as_ref()) {
+                    self.info.unfiltered = Some("UPDATE");
+                }
+            }
+            Statement::Delete(delete) => {
+                self.info.classes.insert(StatementClass::Write);
+                let tables = match &delete.from {
+                    FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+                };
+                for table in tables {
+                    self.write_target(&table.relation);
+                }
+                if !filters(delete.selection.as_ref()) {
+                    self.info.unfiltered = Some("DELETE");
+                }
+            }
+            Statement::Merge(merge) => {
+                self.info.classes.insert(StatementClass::Write);
+                self.write_target(&merge.table);
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl Collector {
+    /// The target of UPDATE/DELETE/MERGE is written, and also read (its rows are scanned).
+    fn write_target(&mut self, factor: &TableFactor) {
+        if let TableFactor::Table { name, .. } = factor {
+            if let Some(name) = Name::from_object(name) {
+                self.info.writes.insert(name);
+            }
+        }
+    }
+
+    fn select_items(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::Select(select) => {
+                for item in &select.projection {
+                    match item {
+                        SelectItem::Wildcard(_) => self.info.wildcards.push(None),
+                        SelectItem::QualifiedWildcard(kind, _) => {
+                            let qualifier = match kind {
+                                SelectItemQualifiedWildcardKind::ObjectName(name) => {
+                                    Name::from_object(name).map(|n| n.name)
+                                }
+                                // `(expr).*` expands a composite value: treat as unqualified.
+                                _ => None,
+                            };
+                            self.info.wildcards.push(qualifier);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            SetExpr::SetOperation { left, right, .. } => {
+                self.select_items(left);
+                self.select_items(right);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn call(name: Name, args: &[FunctionArg]) -> Call {
+    let first = args.first().and_then(|arg| match arg {
+        FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) => Some(expr),
+        FunctionArg::Named {
+            arg: FunctionArgExpr::Expr(expr),
+            ..
+        } => Some(expr),
+        _ => None,
+    });
+    Call {
+        name,
+        first_literal: first.and_then(literal_string),
+        has_args: !args.is_empty(),
+    }
+}
+
+/// The text of a string literal in any of PostgreSQL's spellings.
+fn literal_string(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::UnicodeStringLiteral(s)
+            | Value::NationalStringLiteral(s) => Some(s.clone()),
+            Value::DollarQuotedString(d) => Some(d.value.clone()),
+            _ => None,
+        },
+        Expr::Nested(inner) => literal_string(inner),
+        Expr::Cast { expr, .. } => literal_string(expr),
+        _ => None,
+    }
+}
+
+/// Whether a WHERE clause really filters: it must reference at least one column.
+/// `WHERE true`, `WHERE 1 = 1` and `WHERE 'a' = 'a'` do not.
+fn filters(selection: Option<&Expr>) -> bool {
+    struct Columns(bool);
+    impl Visitor for Columns {
+        type Break = ();
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            if matches!(expr, Expr::Identifier(_) | Expr::CompoundIdentifier(_)) {
+                self.0 = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let Some(selection) = selection else {
+        return false;
+    };
+    let mut columns = Columns(false);
+    let _ = selection.visit(&mut columns);
+    columns.0
+}

@@ -1,0 +1,396 @@
+//! Deciding: a statement's analysis against a policy's rules, first failing rule wins.
+
+use crate::analyze::{analyze, StatementInfo};
+use crate::functions::{always_guarded, DANGEROUS};
+use crate::names::{glob, Name};
+use pgbastion_config::{Policy, StatementClass};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Who is asking, as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Principal<'a> {
+    pub user: &'a str,
+    /// The upstream role the session runs as.
+    pub role: &'a str,
+    pub policy: &'a CompiledPolicy,
+    /// The session's search_path, `$user` already replaced by the role.
+    pub search_path: &'a [String],
+}
+
+/// What the client asks the upstream to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// A simple Query message: one or more statements run as one implicit transaction.
+    Query(&'a str),
+    /// An extended-protocol Parse: decided here, before any Bind can run it.
+    Parse { statement: &'a str, query: &'a str },
+    /// A FunctionCall message: calls a function by OID, with no SQL text to analyse.
+    FunctionCall { oid: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(Denial),
+}
+
+/// Why a request was denied, in words for the person who sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub policy: String,
+    /// The ErrorResponse message, e.g. "policy 'analysts' denies writing to public.orders".
+    pub message: String,
+    /// The rule that decided, for DETAIL and the audit.
+    pub rule: String,
+    /// What would be allowed instead.
+    pub hint: Option<String>,
+}
+
+/// A policy from the configuration, prepared for deciding.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub name: String,
+    allow: BTreeSet<StatementClass>,
+    read_only: bool,
+    require_where: bool,
+    deny_read: Vec<String>,
+    deny_write: Vec<String>,
+    allow_read: Vec<String>,
+    allow_write: Vec<String>,
+    /// "schema.table" -> denied column names.
+    deny_columns: BTreeMap<String, BTreeSet<String>>,
+    deny_functions: Vec<String>,
+    allow_functions: Vec<String>,
+    guard_search_path: bool,
+    allow_unparsed: bool,
+}
+
+impl CompiledPolicy {
+    pub fn new(name: &str, policy: &Policy) -> Self {
+        let mut deny_columns: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for column in &policy.deny_columns {
+            if let Some((table, column)) = column.rsplit_once('.') {
+                deny_columns
+                    .entry(table.to_string())
+                    .or_default()
+                    .insert(column.to_string());
+            }
+        }
+        CompiledPolicy {
+            name: name.to_string(),
+            allow: policy.allow.iter().copied().collect(),
+            read_only: policy.read_only,
+            require_where: policy.require_where,
+            deny_read: policy.deny_read.clone(),
+            deny_write: policy.deny_write.clone(),
+            allow_read: policy.allow_read.clone(),
+            allow_write: policy.allow_write.clone(),
+            deny_columns,
+            deny_functions: policy.deny_functions.clone(),
+            allow_functions: policy.allow_functions.clone(),
+            guard_search_path: policy.guard_search_path,
+            allow_unparsed: policy.allow_unparsed,
+        }
+    }
+
+    /// Whether the policy requires read-only sessions (the proxy also opens them read-only).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn deny(&self, reason: impl Into<String>, rule: &str, hint: Option<String>) -> Decision {
+        Decision::Deny(Denial {
+            policy: self.name.clone(),
+            message: format!("policy '{}' denies {}", self.name, reason.into()),
+            rule: rule.to_string(),
+            hint,
+        })
+    }
+
+    fn allowed_classes(&self) -> String {
+        let classes: Vec<&str> = self.allow.iter().map(|c| c.as_str()).collect();
+        format!("this policy allows {} statements", classes.join(", "))
+    }
+}
+
+pub fn decide(principal: &Principal<'_>, request: &Request<'_>) -> Decision {
+    let policy = principal.policy;
+    let sql = match request {
+        Request::Query(sql) | Request::Parse { query: sql, .. } => sql,
+        Request::FunctionCall { oid } => {
+            return policy.deny(
+                format!("the fast-path function call of function OID {oid}"),
+                "function_call",
+                Some("call the function from SQL instead, e.g. SELECT f(...)".into()),
+            )
+        }
+    };
+    let statements =
+        match analyze(sql) {
+            Ok(statements) => statements,
+            Err(_) if policy.allow_unparsed => return Decision::Allow,
+            Err(err) => return Decision::Deny(Denial {
+                policy: policy.name.clone(),
+                message: format!(
+                    "pgbastion could not analyse this statement, so it was not run: {err}"
+                ),
+                rule: "unparsed".into(),
+                hint: Some(
+                    "rewrite the statement in a more common form, or ask for it to be supported"
+                        .into(),
+                ),
+            }),
+        };
+    if let Request::Parse { .. } = request {
+        if statements.len() > 1 {
+            // PostgreSQL refuses this too; deciding only the first would be unsafe.
+            return policy.deny(
+                "more than one statement in a prepared statement",
+                "multiple_statements",
+                None,
+            );
+        }
+    }
+    for statement in &statements {
+        let decision = decide_statement(principal, statement);
+        if decision != Decision::Allow {
+            return decision;
+        }
+    }
+    Decision::Allow
+}
+
+const WRITING: &[StatementClass] = &[
+    StatementClass::Write,
+    StatementClass::Ddl,
+    StatementClass::Dcl,
+    StatementClass::Admin,
+    StatementClass::Procedural,
+];
+
+fn decide_statement(principal: &Principal<'_>, info: &StatementInfo) -> Decision {
+    let policy = principal.policy;
+    for class in &info.classes {
+        if *class == StatementClass::Transaction {
+            continue;
+        }
+        if policy.read_only && WRITING.contains(class) {
+            return policy.deny(
+                format!("{} statements: it is read-only", class.as_str()),
+                "read_only",
+                Some(policy.allowed_classes()),
+            );
+        }
+        if !policy.allow.contains(class) {
+            return policy.deny(
+                format!("{} statements", class.as_str()),
+                &format!("class:{}", class.as_str()),
+                Some(policy.allowed_classes()),
+            );
+        }
+    }
+    if policy.read_only && info.read_write {
+        return policy.deny(
+            "read-write transactions: it is read-only",
+            "read_only",
+            None,
+        );
+    }
+    for setting in &info.settings {
+        if let Some(decision) = guarded(policy, setting) {
+            return decision;
+        }
+    }
+    for call in &info.calls {
+        if let Some(decision) = check_call(principal, call) {
+            return decision;
+        }
+    }
+    for name in &info.writes {
+        if let Some(decision) = check_relation(principal, name, Access::Write) {
+            return decision;
+        }
+    }
+    for name in &info.reads {
+        if let Some(decision) = check_relation(principal, name, Access::Read) {
+            return decision;
+        }
+    }
+    if let Some(decision) = check_columns(principal, info) {
+        return decision;
+    }
+    if let (true, Some(verb)) = (policy.require_where, info.unfiltered) {
+        return policy.deny(
+            format!("{verb} without a WHERE clause"),
+            "require_where",
+            Some(
+                "add a WHERE clause that references a column; WHERE true or 1 = 1 does not count"
+                    .into(),
+            ),
+        );
+    }
+    Decision::Allow
+}
+
+fn guarded(policy: &CompiledPolicy, setting: &str) -> Option<Decision> {
+    let guarded = always_guarded(setting)
+        || (policy.guard_search_path && setting == "search_path")
+        || (policy.read_only
+            && matches!(
+                setting,
+                "default_transaction_read_only" | "transaction_read_only"
+            ));
+    guarded.then(|| {
+        policy.deny(
+            format!("changing the setting {setting}"),
+            "guarded_setting",
+            Some(
+                "the session's identity and guarded settings come from your token and the policy"
+                    .into(),
+            ),
+        )
+    })
+}
+
+fn check_call(principal: &Principal<'_>, call: &crate::analyze::Call) -> Option<Decision> {
+    let policy = principal.policy;
+    let builtin = match &call.name.schema {
+        None => true,
+        Some(schema) => schema == "pg_catalog",
+    };
+    let display = format!("{}()", call.name);
+    let listed = |entries: &[String]| {
+        entries.iter().any(|entry| match entry.split_once('.') {
+            Some(_) => call.name.candidates(principal.search_path).contains(entry),
+            None => entry == &call.name.name,
+        })
+    };
+    if listed(&policy.deny_functions) {
+        return Some(policy.deny(format!("calling {display}"), "deny_functions", None));
+    }
+    if builtin && !listed(&policy.allow_functions) {
+        if DANGEROUS.contains(&call.name.name.as_str()) {
+            return Some(policy.deny(
+                format!("calling {display}"),
+                "dangerous_function",
+                Some("it reaches outside PostgreSQL's privileges or runs SQL given as text".into()),
+            ));
+        }
+        if call.name.name == "set_config" && call.has_args {
+            return match &call.first_literal {
+                Some(setting) => guarded(policy, &setting.to_ascii_lowercase()),
+                None => Some(policy.deny(
+                    "set_config() with a setting name that is not a literal",
+                    "guarded_setting",
+                    None,
+                )),
+            };
+        }
+    }
+    None
+}
+
+#[derive(Clone, Copy)]
+enum Access {
+    Read,
+    Write,
+}
+
+fn check_relation(principal: &Principal<'_>, name: &Name, access: Access) -> Option<Decision> {
+    let policy = principal.policy;
+    let candidates = name.candidates(principal.search_path);
+    let (deny, allow, verb) = match access {
+        Access::Read => (&policy.deny_read, &policy.allow_read, "reading"),
+        Access::Write => (&policy.deny_write, &policy.allow_write, "writing to"),
+    };
+    // An unqualified name is denied if any schema it could resolve to is denied...
+    if let Some(hit) = candidates.iter().find(|c| deny.iter().any(|p| glob(p, c))) {
+        return Some(policy.deny(format!("{verb} {hit}"), verb, None));
+    }
+    // ...and allowed by an allow list only if a schema it could resolve to is listed.
+    if !allow.is_empty() && !candidates.iter().any(|c| allow.iter().any(|p| glob(p, c))) {
+        let shown = candidates.last().cloned().unwrap_or_default();
+        return Some(policy.deny(
+            format!("{verb} {shown}"),
+            verb,
+            Some(format!(
+                "this policy allows {verb} {} only",
+                allow.join(", ")
+            )),
+        ));
+    }
+    None
+}
+
+/// Denied columns. Without the catalog the rule is conservative: when a statement reads a
+/// table with denied columns, any `*`, any reference to a denied column's name, and any
+/// whole-row reference to that table are refused.
+fn check_columns(principal: &Principal<'_>, info: &StatementInfo) -> Option<Decision> {
+    let policy = principal.policy;
+    if policy.deny_columns.is_empty() {
+        return None;
+    }
+    // Tables read by the statement that have denied columns: table key -> columns.
+    let mut sensitive: Vec<(&Name, &String, &BTreeSet<String>)> = Vec::new();
+    for name in info.reads.iter().chain(info.writes.iter()) {
+        for candidate in name.candidates(principal.search_path) {
+            if let Some((key, columns)) = policy.deny_columns.get_key_value(&candidate) {
+                sensitive.push((name, key, columns));
+            }
+        }
+    }
+    let (_, table, columns) = sensitive.first()?;
+    let column_hint = Some(
+        "name only the columns you need: *, whole-row references and conditions read a column too"
+            .to_string(),
+    );
+    let first_column = |cols: &BTreeSet<String>| cols.iter().next().cloned().unwrap_or_default();
+    for wildcard in &info.wildcards {
+        let hits_sensitive = match wildcard {
+            None => true,
+            Some(qualifier) => info
+                .aliases
+                .get(qualifier)
+                .map(|n| sensitive.iter().any(|(s, _, _)| *s == n))
+                .unwrap_or(true),
+        };
+        if hits_sensitive {
+            return Some(policy.deny(
+                format!("reading column {table}.{}", first_column(columns)),
+                "deny_columns",
+                column_hint,
+            ));
+        }
+    }
+    for parts in &info.columns {
+        let last = parts.last().map(String::as_str).unwrap_or("");
+        for (name, key, cols) in &sensitive {
+            let qualifier_matches = match parts.len() {
+                1 => true,
+                _ => {
+                    let qualifier = &parts[parts.len() - 2];
+                    info.aliases.get(qualifier).is_none_or(|n| n == *name)
+                }
+            };
+            if qualifier_matches && cols.contains(last) {
+                return Some(policy.deny(
+                    format!("reading column {key}.{last}"),
+                    "deny_columns",
+                    column_hint,
+                ));
+            }
+            // A bare alias or table name is a whole-row reference: every column, denied ones included.
+            if parts.len() == 1 && info.aliases.get(last).is_some_and(|n| n == *name) {
+                return Some(policy.deny(
+                    format!(
+                        "reading column {key}.{} (a whole-row reference reads every column)",
+                        first_column(cols)
+                    ),
+                    "deny_columns",
+                    column_hint,
+                ));
+            }
+        }
+    }
+    None
+}

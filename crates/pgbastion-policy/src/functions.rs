@@ -1,0 +1,66 @@
+//! Built-in functions denied unless a policy exempts them (`allow_functions`): they reach
+//! outside the SQL privilege model — the server's files, other servers, other sessions, the
+//! configuration — or run SQL given as a string, which the policy could not see.
+
+pub const DANGEROUS: &[&str] = &[
+    // Server file access.
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_stat_file",
+    "pg_ls_dir",
+    "pg_ls_logdir",
+    "pg_ls_waldir",
+    "pg_ls_tmpdir",
+    "pg_ls_archive_statusdir",
+    "pg_ls_logicalsnapdir",
+    "pg_ls_logicalmapdir",
+    "pg_ls_replslotdir",
+    "pg_file_write",
+    "pg_file_rename",
+    "pg_file_unlink",
+    "pg_file_sync",
+    "pg_logdir_ls",
+    // Large-object import and export read and write server files.
+    "lo_import",
+    "lo_export",
+    // Other servers.
+    "dblink",
+    "dblink_exec",
+    "dblink_connect",
+    "dblink_connect_u",
+    "dblink_send_query",
+    "dblink_open",
+    "dblink_fetch",
+    // Other sessions and the server itself.
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_signal_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_promote",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_log_backend_memory_contexts",
+    // SQL given as a string: the text is run unseen by the policy.
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+];
+
+/// Settings that change who the session is, or pgbastion's own namespace: never changeable.
+pub fn always_guarded(setting: &str) -> bool {
+    matches!(setting, "role" | "session_authorization" | "session_param")
+        || setting.starts_with("pgbastion.")
+        || setting == "unknown"
+}

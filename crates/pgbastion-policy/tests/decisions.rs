@@ -1,0 +1,382 @@
+//! Table-driven decisions: (policy, SQL) -> allowed, or denied with the rule that decided.
+
+use pgbastion_config::Policy;
+use pgbastion_policy::{decide, CompiledPolicy, Decision, Principal, Request};
+
+fn policy(name: &str, toml_text: &str) -> CompiledPolicy {
+    let policy: Policy = toml::from_str(toml_text).expect("policy TOML");
+    CompiledPolicy::new(name, &policy)
+}
+
+fn analysts() -> CompiledPolicy {
+    policy(
+        "analysts",
+        r#"
+        allow = ["read", "prepared", "session"]
+        read_only = true
+        deny_read = ["public.secrets"]
+        deny_columns = ["public.customers.ssn"]
+        "#,
+    )
+}
+
+fn engineers() -> CompiledPolicy {
+    policy(
+        "engineers",
+        r#"
+        allow = ["read", "write", "prepared", "session", "listen"]
+        require_where = true
+        deny_write = ["audit.*"]
+        "#,
+    )
+}
+
+fn admins() -> CompiledPolicy {
+    policy(
+        "dbadmins",
+        r#"allow = ["read", "write", "ddl", "dcl", "admin", "procedural", "listen", "prepared", "session"]"#,
+    )
+}
+
+/// None: allowed; Some(rule): denied by that rule.
+fn verdict(policy: &CompiledPolicy, sql: &str) -> Option<String> {
+    let search_path = vec!["analyst".to_string(), "public".to_string()];
+    let principal = Principal {
+        user: "alice",
+        role: "analyst",
+        policy,
+        search_path: &search_path,
+    };
+    match decide(&principal, &Request::Query(sql)) {
+        Decision::Allow => None,
+        Decision::Deny(denial) => Some(denial.rule),
+    }
+}
+
+fn check(policy: &CompiledPolicy, cases: &[(&str, Option<&str>)]) {
+    let mut failures = Vec::new();
+    for (sql, expected) in cases {
+        let got = verdict(policy, sql);
+        if got.as_deref() != *expected {
+            failures.push(format!("{sql:?}: expected {expected:?}, got {got:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "policy '{}':\n{}",
+        policy.name,
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn analysts_may_read_but_not_secrets_nor_ssn() {
+    check(
+        &analysts(),
+        &[
+            ("SELECT 1", None),
+            ("", None),
+            ("-- just a comment", None),
+            ("SELECT name, email FROM customers", None),
+            (
+                "SELECT o.amount FROM orders o JOIN customers c ON c.id = o.customer_id",
+                None,
+            ),
+            ("SELECT count(*) FROM customers", None),
+            ("SHOW search_path", None),
+            ("EXPLAIN SELECT * FROM orders", None),
+            ("BEGIN; SELECT 1; COMMIT", None),
+            ("BEGIN READ ONLY", None),
+            ("SET statement_timeout = '5s'", None),
+            ("SELECT * FROM secrets", Some("reading")),
+            ("SELECT * FROM public.secrets", Some("reading")),
+            ("SELECT * FROM PUBLIC.SECRETS", Some("reading")),
+            ("SELECT * FROM \"public\".\"secrets\"", Some("reading")),
+            ("SELECT * FROM \"SECRETS\"", None),
+            (
+                "SELECT label FROM orders WHERE id IN (SELECT id FROM secrets)",
+                Some("reading"),
+            ),
+            (
+                "WITH s AS (SELECT * FROM secrets) SELECT 1",
+                Some("reading"),
+            ),
+            ("SELECT ssn FROM customers", Some("deny_columns")),
+            ("SELECT SSN FROM customers", Some("deny_columns")),
+            ("SELECT c.ssn FROM customers c", Some("deny_columns")),
+            ("SELECT * FROM customers", Some("deny_columns")),
+            ("SELECT c.* FROM customers c", Some("deny_columns")),
+            (
+                "SELECT o.* FROM orders o JOIN customers c ON c.id = o.customer_id",
+                None,
+            ),
+            ("SELECT c FROM customers c", Some("deny_columns")),
+            (
+                "SELECT row_to_json(c) FROM customers c",
+                Some("deny_columns"),
+            ),
+            ("SELECT customers FROM customers", Some("deny_columns")),
+            (
+                "SELECT name FROM customers WHERE ssn LIKE '078%'",
+                Some("deny_columns"),
+            ),
+            (
+                "SELECT name FROM customers ORDER BY ssn",
+                Some("deny_columns"),
+            ),
+            (
+                "SELECT name FROM (SELECT * FROM customers) sub",
+                Some("deny_columns"),
+            ),
+            (
+                "INSERT INTO orders (customer_id, amount) VALUES (1, 2)",
+                Some("read_only"),
+            ),
+            (
+                "UPDATE orders SET amount = 0 WHERE id = 1",
+                Some("read_only"),
+            ),
+            (
+                "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+                Some("read_only"),
+            ),
+            (
+                "SELECT * INTO copy_of_orders FROM orders",
+                Some("read_only"),
+            ),
+            ("EXPLAIN ANALYZE DELETE FROM orders", Some("read_only")),
+            ("CREATE TABLE t (id int)", Some("read_only")),
+            ("BEGIN READ WRITE", Some("read_only")),
+            (
+                "SET default_transaction_read_only = off",
+                Some("guarded_setting"),
+            ),
+            ("SET transaction_read_only = off", Some("guarded_setting")),
+            ("LISTEN jobs", Some("class:listen")),
+            ("COPY orders TO STDOUT", None),
+            ("COPY orders FROM STDIN", Some("read_only")),
+            ("COPY orders TO '/tmp/orders.csv'", Some("read_only")),
+            ("COPY secrets TO STDOUT", Some("reading")),
+        ],
+    );
+}
+
+#[test]
+fn identity_changing_settings_are_always_denied() {
+    for policy in [analysts(), engineers(), admins()] {
+        check(
+            &policy,
+            &[
+                ("SET role = 'postgres'", Some("guarded_setting")),
+                ("SET ROLE postgres", Some("guarded_setting")),
+                (
+                    "SET SESSION AUTHORIZATION postgres",
+                    Some("guarded_setting"),
+                ),
+                ("RESET ROLE", Some("guarded_setting")),
+                ("RESET SESSION AUTHORIZATION", Some("guarded_setting")),
+                (
+                    "SELECT set_config('role', 'postgres', false)",
+                    Some("guarded_setting"),
+                ),
+                (
+                    "SELECT set_config('ROLE', 'postgres', false)",
+                    Some("guarded_setting"),
+                ),
+                (
+                    "SELECT pg_catalog.set_config('pgbastion.claims', '{}', false)",
+                    Some("guarded_setting"),
+                ),
+                (
+                    "SELECT set_config(current_user, 'x', false)",
+                    Some("guarded_setting"),
+                ),
+                ("SET pgbastion.claims = '{}'", Some("guarded_setting")),
+                ("SET search_path = evil, public", Some("guarded_setting")),
+                // asyncpg does this on every connect: it must keep working.
+                ("SELECT pg_catalog.set_config('jit', 'off', false)", None),
+                ("SELECT set_config('statement_timeout', '5s', true)", None),
+            ],
+        );
+    }
+}
+
+#[test]
+fn dangerous_functions_are_denied_by_default() {
+    check(
+        &admins(),
+        &[
+            (
+                "SELECT pg_read_file('/etc/passwd')",
+                Some("dangerous_function"),
+            ),
+            (
+                "SELECT pg_catalog.pg_read_file('/etc/passwd')",
+                Some("dangerous_function"),
+            ),
+            (
+                "SELECT PG_READ_FILE('/etc/passwd')",
+                Some("dangerous_function"),
+            ),
+            ("SELECT * FROM pg_ls_dir('.')", Some("dangerous_function")),
+            (
+                "SELECT lo_import('/etc/passwd')",
+                Some("dangerous_function"),
+            ),
+            (
+                "SELECT query_to_xml('select * from secrets', true, false, '')",
+                Some("dangerous_function"),
+            ),
+            (
+                "SELECT table_to_xml('secrets', true, false, '')",
+                Some("dangerous_function"),
+            ),
+            (
+                "SELECT * FROM dblink('host=x', 'select 1') AS t(a int)",
+                Some("dangerous_function"),
+            ),
+            (
+                "SELECT pg_terminate_backend(1234)",
+                Some("dangerous_function"),
+            ),
+            ("SELECT pg_reload_conf()", Some("dangerous_function")),
+            (
+                "SELECT 1 WHERE pg_read_file('x') IS NOT NULL",
+                Some("dangerous_function"),
+            ),
+            // A user-defined function of the same name in another schema is not the built-in.
+            ("SELECT app.pg_read_file('x')", None),
+            ("SELECT now(), pg_sleep(0), generate_series(1, 3)", None),
+            ("SELECT * FROM generate_series(1, 3)", None),
+        ],
+    );
+}
+
+#[test]
+fn engineers_may_write_with_where_but_no_ddl() {
+    check(
+        &engineers(),
+        &[
+            (
+                "INSERT INTO orders (customer_id, amount) VALUES (1, 2) RETURNING id",
+                None,
+            ),
+            ("UPDATE orders SET amount = 1 WHERE id = 3", None),
+            ("DELETE FROM orders WHERE id = 3", None),
+            ("UPDATE orders SET amount = 1", Some("require_where")),
+            ("DELETE FROM orders", Some("require_where")),
+            ("DELETE FROM orders WHERE true", Some("require_where")),
+            ("DELETE FROM orders WHERE 1 = 1", Some("require_where")),
+            (
+                "UPDATE orders SET amount = 0 WHERE 'a' = 'a'",
+                Some("require_where"),
+            ),
+            (
+                "WITH gone AS (DELETE FROM orders RETURNING id) SELECT count(*) FROM gone",
+                Some("require_where"),
+            ),
+            ("DELETE FROM audit.log WHERE id = 1", Some("writing to")),
+            ("INSERT INTO audit.log VALUES (1)", Some("writing to")),
+            ("SELECT * FROM audit.log", None),
+            ("TRUNCATE orders", None),
+            ("CREATE TABLE t (id int)", Some("class:ddl")),
+            ("DROP TABLE orders", Some("class:ddl")),
+            ("ALTER TABLE orders ADD COLUMN x int", Some("class:ddl")),
+            ("CREATE INDEX ON orders (amount)", Some("class:ddl")),
+            ("GRANT SELECT ON orders TO public", Some("class:dcl")),
+            ("CREATE ROLE mallory", Some("class:dcl")),
+            ("VACUUM orders", Some("class:admin")),
+            ("CALL do_things()", Some("class:procedural")),
+            ("PREPARE q AS SELECT * FROM orders WHERE id = $1", None),
+            ("PREPARE q AS DELETE FROM orders", Some("require_where")),
+            ("EXECUTE q(1)", None),
+            ("DEALLOCATE q", None),
+            ("DECLARE c CURSOR FOR SELECT * FROM orders", None),
+            ("LISTEN jobs", None),
+            ("NOTIFY jobs, 'x'", None),
+            ("COPY orders FROM STDIN", None),
+            ("COPY orders FROM PROGRAM 'id'", Some("class:admin")),
+            ("SELECT 1; DROP TABLE orders", Some("class:ddl")),
+        ],
+    );
+}
+
+#[test]
+fn unparsable_statements_are_denied_and_never_forwarded() {
+    for sql in [
+        "DO $$ BEGIN PERFORM 1; END $$",
+        "SELEC 1",
+        "SELECT 'unterminated",
+    ] {
+        let search_path = vec!["public".to_string()];
+        let policy = admins();
+        let principal = Principal {
+            user: "carol",
+            role: "demo_owner",
+            policy: &policy,
+            search_path: &search_path,
+        };
+        let Decision::Deny(denial) = decide(&principal, &Request::Query(sql)) else {
+            panic!("{sql} must be denied");
+        };
+        assert!(
+            denial
+                .message
+                .starts_with("pgbastion could not analyse this statement, so it was not run: "),
+            "{}",
+            denial.message
+        );
+    }
+}
+
+#[test]
+fn a_parse_message_holds_one_statement() {
+    let search_path = vec!["public".to_string()];
+    let policy = admins();
+    let principal = Principal {
+        user: "carol",
+        role: "demo_owner",
+        policy: &policy,
+        search_path: &search_path,
+    };
+    let request = Request::Parse {
+        statement: "",
+        query: "SELECT 1; SELECT 2",
+    };
+    assert!(matches!(decide(&principal, &request), Decision::Deny(_)));
+    let request = Request::Parse {
+        statement: "s1",
+        query: "SELECT $1::int",
+    };
+    assert_eq!(decide(&principal, &request), Decision::Allow);
+}
+
+#[test]
+fn denials_name_the_policy_and_what_was_denied() {
+    let search_path = vec!["public".to_string()];
+    let policy = engineers();
+    let principal = Principal {
+        user: "bob",
+        role: "engineer",
+        policy: &policy,
+        search_path: &search_path,
+    };
+    let Decision::Deny(denial) = decide(
+        &principal,
+        &Request::Query("DELETE FROM audit.log WHERE id = 1"),
+    ) else {
+        panic!("denied");
+    };
+    assert_eq!(
+        denial.message,
+        "policy 'engineers' denies writing to audit.log"
+    );
+    let Decision::Deny(denial) = decide(&principal, &Request::Query("DROP TABLE orders")) else {
+        panic!("denied");
+    };
+    assert_eq!(denial.message, "policy 'engineers' denies ddl statements");
+    assert_eq!(
+        denial.hint.as_deref(),
+        Some("this policy allows read, write, listen, prepared, session statements")
+    );
+}

@@ -1,0 +1,240 @@
+//! The statement policy end to end: denials reach the client as ERROR 42501 with the policy's
+//! words, nothing denied reaches PostgreSQL, the session continues, transaction state is
+//! PostgreSQL's own, and pipelined extended-protocol traffic stays in order.
+
+use integration_tests::Harness;
+use tokio_postgres::SimpleQueryMessage;
+
+fn denial(err: &tokio_postgres::Error) -> (String, String) {
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected a server error, got {err}"));
+    (db.code().code().to_string(), db.message().to_string())
+}
+
+async fn count_orders(h: &Harness) -> i64 {
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    carol
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_query_gets_42501_with_the_policy_and_the_session_continues() {
+    let h = Harness::start().await;
+    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    let err = alice
+        .simple_query("SELECT * FROM secrets")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denial(&err),
+        (
+            "42501".into(),
+            "policy 'analysts' denies reading public.secrets".into()
+        )
+    );
+    let err = alice
+        .query("SELECT ssn FROM customers", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denial(&err),
+        (
+            "42501".into(),
+            "policy 'analysts' denies reading column public.customers.ssn".into()
+        )
+    );
+    let row = alice
+        .query_one("SELECT name FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "Ada Lovelace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_denied_statement_denies_the_whole_message() {
+    let h = Harness::start().await;
+    let before = count_orders(&h).await;
+    let bob = h.connect("bob", &h.token("bob")).await.unwrap();
+    let err = bob
+        .simple_query("INSERT INTO orders (customer_id, amount) VALUES (1, 5); DROP TABLE orders")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denial(&err),
+        (
+            "42501".into(),
+            "policy 'engineers' denies ddl statements".into()
+        )
+    );
+    assert_eq!(
+        count_orders(&h).await,
+        before,
+        "the INSERT before the denied statement never ran"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_inside_a_transaction_fails_it_until_rollback() {
+    let h = Harness::start().await;
+    let before = count_orders(&h).await;
+    let bob = h.connect("bob", &h.token("bob")).await.unwrap();
+    bob.simple_query("BEGIN").await.unwrap();
+    bob.simple_query("INSERT INTO orders (customer_id, amount) VALUES (1, 5)")
+        .await
+        .unwrap();
+    let err = bob.simple_query("DELETE FROM orders").await.unwrap_err();
+    assert_eq!(
+        denial(&err),
+        (
+            "42501".into(),
+            "policy 'engineers' denies DELETE without a WHERE clause".into()
+        )
+    );
+    let err = bob.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        denial(&err).0,
+        "25P02",
+        "the transaction is failed, as after any error"
+    );
+    let err = bob.simple_query("COMMIT").await;
+    // COMMIT of a failed transaction rolls back (PostgreSQL answers ROLLBACK).
+    let tag = err.unwrap().into_iter().find_map(|m| match m {
+        SimpleQueryMessage::CommandComplete(_) => Some(()),
+        _ => None,
+    });
+    assert!(tag.is_some());
+    assert_eq!(
+        count_orders(&h).await,
+        before,
+        "nothing of the failed transaction was committed"
+    );
+    bob.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_extended_queries_keep_their_order_around_a_denial() {
+    let h = Harness::start().await;
+    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    // tokio-postgres pipelines concurrent queries on one connection.
+    let (first, denied, last) = tokio::join!(
+        alice.query_one("SELECT $1::int4 + 1", &[&1i32]),
+        alice.query("SELECT label FROM secrets WHERE id = $1", &[&1i32]),
+        alice.query_one("SELECT $1::text", &[&"after"]),
+    );
+    assert_eq!(first.unwrap().get::<_, i32>(0), 2);
+    assert_eq!(
+        denial(&denied.unwrap_err()).1,
+        "policy 'analysts' denies reading public.secrets"
+    );
+    assert_eq!(last.unwrap().get::<_, &str>(0), "after");
+    let statement = alice
+        .prepare("SELECT name FROM customers WHERE id = $1")
+        .await
+        .unwrap();
+    let row = alice.query_one(&statement, &[&2i32]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "Alan Turing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_policy_makes_the_upstream_session_read_only_too() {
+    let h = Harness::start().await;
+    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    let row = alice
+        .query_one("SHOW default_transaction_read_only", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "on");
+    let err = alice
+        .simple_query("SET default_transaction_read_only = off")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denial(&err).1,
+        "policy 'analysts' denies changing the setting default_transaction_read_only"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_cannot_be_changed_from_sql() {
+    let h = Harness::start().await;
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    for sql in [
+        "SET ROLE postgres",
+        "SET SESSION AUTHORIZATION postgres",
+        "SELECT set_config('role', 'postgres', false)",
+        "RESET ROLE",
+    ] {
+        let err = carol.simple_query(sql).await.unwrap_err();
+        assert_eq!(denial(&err).0, "42501", "{sql}");
+    }
+    let row = carol.query_one("SELECT current_user", &[]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "demo_owner");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_that_cannot_be_analysed_are_not_run() {
+    let h = Harness::start().await;
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    let err = carol
+        .simple_query("DO $$ BEGIN CREATE TABLE made_by_do (id int); END $$")
+        .await
+        .unwrap_err();
+    let (code, message) = denial(&err);
+    assert_eq!(code, "42501");
+    assert!(
+        message.starts_with("pgbastion could not analyse this statement, so it was not run: "),
+        "{message}"
+    );
+    let exists = carol
+        .query_one("SELECT to_regclass('made_by_do') IS NOT NULL", &[])
+        .await
+        .unwrap();
+    assert!(!exists.get::<_, bool>(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_shows_the_denial() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    let (ok, _, err) =
+        tokio::task::block_in_place(|| h.psql("alice", &token, "SELECT * FROM customers"));
+    assert!(!ok);
+    assert!(
+        err.contains("ERROR:  policy 'analysts' denies reading column public.customers.ssn"),
+        "{err}"
+    );
+    assert!(
+        err.contains("HINT:  name only the columns you need"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_catalog_commands_pass_a_read_policy() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    for command in [
+        "\\dt",
+        "\\d customers",
+        "\\d+ orders",
+        "\\l",
+        "\\dn",
+        "\\df",
+        "\\du",
+        "\\dv",
+        "\\di",
+        "\\dx",
+        "\\conninfo",
+    ] {
+        let (ok, out, err) = tokio::task::block_in_place(|| h.psql("alice", &token, command));
+        assert!(ok, "{command}: {err}");
+        assert!(!err.contains("ERROR"), "{command}: {err}");
+        if command == "\\dt" {
+            assert!(out.contains("customers"), "{out}");
+        }
+    }
+}
