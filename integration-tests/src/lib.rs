@@ -4,7 +4,8 @@
 
 use anyhow::{Context, Result};
 use pgbastion_config::Config;
-use pgbastion_devkit::{DevIssuer, PgCluster, SelfSigned};
+use pgbastion_devkit::demo::demo_config;
+use pgbastion_devkit::{DevIssuer, PgCluster};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -18,12 +19,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use pgbastion_devkit::issuer::KeyKind;
 
-/// The demo's users, groups and roles, as the harness configures them.
-pub const USERS: &[(&str, &str, &str)] = &[
-    ("alice", "analysts", "analyst"),
-    ("bob", "engineers", "engineer"),
-    ("carol", "dbadmins", "demo_owner"),
-];
+pub use pgbastion_devkit::demo::DEMO_USERS as USERS;
 
 #[derive(Debug)]
 pub struct Harness {
@@ -31,7 +27,8 @@ pub struct Harness {
     pub issuer: DevIssuer,
     pub proxy: SocketAddr,
     pub dir: tempfile::TempDir,
-    pub cert: SelfSigned,
+    /// The proxy's certificate (self-signed), for clients to trust.
+    pub cert_pem: String,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -57,10 +54,11 @@ impl Harness {
         let cluster = tokio::task::block_in_place(PgCluster::start).context("PostgreSQL")?;
         let issuer = DevIssuer::start("pgbastion").await?;
         let dir = tempfile::tempdir()?;
-        let cert = SelfSigned::localhost()?;
-        cert.write_to(dir.path())?;
-        let mut config = pgbastion_config::parse(&config_text(&dir, &cluster, &issuer)?)
-            .map_err(|p| anyhow::anyhow!("{p}"))?;
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut config = demo_config(dir.path(), listen, &cluster, &issuer)?;
+        // Tests rotate keys and expect the new kid to be fetched at once.
+        config.issuers[0].jwks_min_refetch = Duration::ZERO;
+        let cert_pem = std::fs::read_to_string(dir.path().join("server.crt"))?;
         tweak(&mut config);
         let proxy = pgbastion_proxy::Proxy::bind(config).await?;
         let missing = proxy.wait_for_keys(Duration::from_secs(10)).await;
@@ -75,7 +73,7 @@ impl Harness {
             issuer,
             proxy: addr,
             dir,
-            cert,
+            cert_pem,
             stop: Some(stop),
         })
     }
@@ -84,8 +82,8 @@ impl Harness {
     pub fn token(&self, user: &str) -> String {
         let group = USERS
             .iter()
-            .find(|(u, _, _)| *u == user)
-            .map(|(_, g, _)| *g)
+            .find(|(u, _)| *u == user)
+            .map(|(_, g)| *g)
             .unwrap_or("nobody");
         self.issuer
             .token(user, json!({ "groups": [group] }))
@@ -96,15 +94,15 @@ impl Harness {
     pub fn claims(&self, user: &str, lifetime: Duration) -> serde_json::Value {
         let group = USERS
             .iter()
-            .find(|(u, _, _)| *u == user)
-            .map(|(_, g, _)| *g)
+            .find(|(u, _)| *u == user)
+            .map(|(_, g)| *g)
             .unwrap_or("nobody");
         self.issuer
             .claims(user, lifetime, json!({ "groups": [group] }))
     }
 
     pub fn tls(&self) -> MakeRustlsConnect {
-        MakeRustlsConnect::new(client_tls(&self.cert.cert_pem))
+        MakeRustlsConnect::new(client_tls(&self.cert_pem))
     }
 
     pub fn connection_string(&self, user: &str, database: &str) -> String {
@@ -190,44 +188,4 @@ pub fn client_tls(ca_pem: &str) -> rustls::ClientConfig {
         .expect("TLS versions")
         .with_root_certificates(roots)
         .with_no_client_auth()
-}
-
-fn config_text(dir: &tempfile::TempDir, cluster: &PgCluster, issuer: &DevIssuer) -> Result<String> {
-    let mut roles = String::new();
-    let mut mappings = String::new();
-    for (_, group, role) in USERS {
-        let path = dir.path().join(format!("{role}.password"));
-        std::fs::write(&path, cluster.password(role))?;
-        roles.push_str(&format!(
-            "\n[upstream.roles.{role}]\npassword_file = \"{}\"\n",
-            path.display()
-        ));
-        mappings.push_str(&format!(
-            "\n[[mappings]]\nname = \"{group}\"\ngroups_any = [\"{group}\"]\nrole = \"{role}\"\ndatabases = [\"demo\", \"postgres\"]\npolicy = \"{group}\"\n"
-        ));
-    }
-    Ok(format!(
-        r#"
-[listen]
-address = "127.0.0.1:0"
-
-[tls]
-cert_file = "{dir}/server.crt"
-key_file = "{dir}/server.key"
-
-[[issuers]]
-issuer = "{issuer}"
-audiences = ["pgbastion"]
-jwks_min_refetch = "0s"
-
-[upstream]
-host = "127.0.0.1"
-port = {port}
-tls = "disable"
-{roles}{mappings}{policies}"#,
-        policies = pgbastion_devkit::DEMO_POLICIES,
-        dir = dir.path().display(),
-        issuer = issuer.issuer(),
-        port = cluster.port,
-    ))
 }

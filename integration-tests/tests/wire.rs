@@ -30,7 +30,7 @@ async fn tls_connect(
     tcp: TcpStream,
     alpn: bool,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut config = client_tls(&h.cert.cert_pem);
+    let mut config = client_tls(&h.cert_pem);
     if alpn {
         config.alpn_protocols = vec![b"postgresql".to_vec()];
     }

@@ -106,7 +106,6 @@ pub const DEFAULT_STARTUP_PARAMETERS: &[&str] = &[
     "lc_monetary",
     "lc_numeric",
     "lc_time",
-    "standard_conforming_strings",
 ];
 
 /// Settings that would change who the session is upstream: never passable, whatever the config.
@@ -117,6 +116,11 @@ pub const FORBIDDEN_STARTUP_PARAMETERS: &[&str] = &[
     "user",
     "database",
     "options",
+    // These change how PostgreSQL reads string literals; the policy's parser must read every
+    // statement exactly as PostgreSQL does, so they stay at their defaults.
+    "standard_conforming_strings",
+    "backslash_quote",
+    "escape_string_warning",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

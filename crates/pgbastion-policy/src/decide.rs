@@ -299,20 +299,32 @@ enum Access {
 fn check_relation(principal: &Principal<'_>, name: &Name, access: Access) -> Option<Decision> {
     let policy = principal.policy;
     let candidates = name.candidates(principal.search_path);
-    let (deny, allow, verb) = match access {
-        Access::Read => (&policy.deny_read, &policy.allow_read, "reading"),
-        Access::Write => (&policy.deny_write, &policy.allow_write, "writing to"),
+    let (deny, allow, verb, deny_rule, allow_rule) = match access {
+        Access::Read => (
+            &policy.deny_read,
+            &policy.allow_read,
+            "reading",
+            "deny_read",
+            "allow_read",
+        ),
+        Access::Write => (
+            &policy.deny_write,
+            &policy.allow_write,
+            "writing to",
+            "deny_write",
+            "allow_write",
+        ),
     };
     // An unqualified name is denied if any schema it could resolve to is denied...
     if let Some(hit) = candidates.iter().find(|c| deny.iter().any(|p| glob(p, c))) {
-        return Some(policy.deny(format!("{verb} {hit}"), verb, None));
+        return Some(policy.deny(format!("{verb} {hit}"), deny_rule, None));
     }
     // ...and allowed by an allow list only if a schema it could resolve to is listed.
     if !allow.is_empty() && !candidates.iter().any(|c| allow.iter().any(|p| glob(p, c))) {
         let shown = candidates.last().cloned().unwrap_or_default();
         return Some(policy.deny(
             format!("{verb} {shown}"),
-            verb,
+            allow_rule,
             Some(format!(
                 "this policy allows {verb} {} only",
                 allow.join(", ")

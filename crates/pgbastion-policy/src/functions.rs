@@ -58,9 +58,17 @@ pub const DANGEROUS: &[&str] = &[
     "database_to_xml_and_xmlschema",
 ];
 
-/// Settings that change who the session is, or pgbastion's own namespace: never changeable.
+/// Settings that change who the session is, pgbastion's own namespace, or how PostgreSQL
+/// reads string literals (with standard_conforming_strings off, `'a\'...` would end somewhere
+/// else for PostgreSQL than for the policy's parser): never changeable.
 pub fn always_guarded(setting: &str) -> bool {
-    matches!(setting, "role" | "session_authorization" | "session_param")
-        || setting.starts_with("pgbastion.")
+    matches!(
+        setting,
+        "role"
+            | "session_authorization"
+            | "session_param"
+            | "standard_conforming_strings"
+            | "backslash_quote"
+    ) || setting.starts_with("pgbastion.")
         || setting == "unknown"
 }

@@ -88,18 +88,18 @@ fn analysts_may_read_but_not_secrets_nor_ssn() {
             ("BEGIN; SELECT 1; COMMIT", None),
             ("BEGIN READ ONLY", None),
             ("SET statement_timeout = '5s'", None),
-            ("SELECT * FROM secrets", Some("reading")),
-            ("SELECT * FROM public.secrets", Some("reading")),
-            ("SELECT * FROM PUBLIC.SECRETS", Some("reading")),
-            ("SELECT * FROM \"public\".\"secrets\"", Some("reading")),
+            ("SELECT * FROM secrets", Some("deny_read")),
+            ("SELECT * FROM public.secrets", Some("deny_read")),
+            ("SELECT * FROM PUBLIC.SECRETS", Some("deny_read")),
+            ("SELECT * FROM \"public\".\"secrets\"", Some("deny_read")),
             ("SELECT * FROM \"SECRETS\"", None),
             (
                 "SELECT label FROM orders WHERE id IN (SELECT id FROM secrets)",
-                Some("reading"),
+                Some("deny_read"),
             ),
             (
                 "WITH s AS (SELECT * FROM secrets) SELECT 1",
-                Some("reading"),
+                Some("deny_read"),
             ),
             ("SELECT ssn FROM customers", Some("deny_columns")),
             ("SELECT SSN FROM customers", Some("deny_columns")),
@@ -156,7 +156,7 @@ fn analysts_may_read_but_not_secrets_nor_ssn() {
             ("COPY orders TO STDOUT", None),
             ("COPY orders FROM STDIN", Some("read_only")),
             ("COPY orders TO '/tmp/orders.csv'", Some("read_only")),
-            ("COPY secrets TO STDOUT", Some("reading")),
+            ("COPY secrets TO STDOUT", Some("deny_read")),
         ],
     );
 }
@@ -193,6 +193,16 @@ fn identity_changing_settings_are_always_denied() {
                 ),
                 ("SET pgbastion.claims = '{}'", Some("guarded_setting")),
                 ("SET search_path = evil, public", Some("guarded_setting")),
+                // The parser and PostgreSQL must read string literals the same way.
+                (
+                    "SET standard_conforming_strings = off",
+                    Some("guarded_setting"),
+                ),
+                (
+                    "SELECT set_config('standard_conforming_strings', 'off', false)",
+                    Some("guarded_setting"),
+                ),
+                ("SET backslash_quote = on", Some("guarded_setting")),
                 // asyncpg does this on every connect: it must keep working.
                 ("SELECT pg_catalog.set_config('jit', 'off', false)", None),
                 ("SELECT set_config('statement_timeout', '5s', true)", None),
@@ -275,9 +285,11 @@ fn engineers_may_write_with_where_but_no_ddl() {
                 "WITH gone AS (DELETE FROM orders RETURNING id) SELECT count(*) FROM gone",
                 Some("require_where"),
             ),
-            ("DELETE FROM audit.log WHERE id = 1", Some("writing to")),
-            ("INSERT INTO audit.log VALUES (1)", Some("writing to")),
+            ("DELETE FROM audit.log WHERE id = 1", Some("deny_write")),
+            ("DELETE FROM AUDIT.LOG WHERE id = 1", Some("deny_write")),
+            ("INSERT INTO audit.log VALUES (1)", Some("deny_write")),
             ("SELECT * FROM audit.log", None),
+            ("SELECT * FROM \"audit\".\"log\"", None),
             ("TRUNCATE orders", None),
             ("CREATE TABLE t (id int)", Some("class:ddl")),
             ("DROP TABLE orders", Some("class:ddl")),
@@ -378,5 +390,37 @@ fn denials_name_the_policy_and_what_was_denied() {
     assert_eq!(
         denial.hint.as_deref(),
         Some("this policy allows read, write, listen, prepared, session statements")
+    );
+}
+
+#[test]
+fn allow_lists_admit_only_what_they_name() {
+    let policy = policy(
+        "reporting",
+        r#"
+        allow = ["read", "write"]
+        allow_read = ["reporting.*", "public.orders"]
+        allow_write = ["reporting.scratch"]
+        "#,
+    );
+    check(
+        &policy,
+        &[
+            ("SELECT * FROM reporting.daily", None),
+            ("SELECT * FROM orders", None),
+            ("SELECT * FROM public.customers", Some("allow_read")),
+            (
+                "SELECT * FROM orders JOIN public.customers c ON true",
+                Some("allow_read"),
+            ),
+            (
+                "INSERT INTO reporting.scratch SELECT * FROM reporting.daily",
+                None,
+            ),
+            (
+                "INSERT INTO reporting.daily VALUES (1)",
+                Some("allow_write"),
+            ),
+        ],
     );
 }
