@@ -27,6 +27,42 @@ pub struct Identity {
     pub expires_at: SystemTime,
 }
 
+impl Identity {
+    /// An identity from claims taken as they are: no signature, time or audience checks. Only
+    /// for `pgbastion policy explain` and `policy test`, which decide hypothetical sessions;
+    /// the proxy never builds an identity this way. The issuer is the claims' `iss` if it is
+    /// configured, else the first configured issuer.
+    pub fn from_unverified_claims(issuers: &[Issuer], claims: Value) -> Result<Identity, String> {
+        let issuer = claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .and_then(|iss| issuers.iter().find(|i| i.issuer == iss))
+            .or_else(|| issuers.first())
+            .ok_or("the configuration has no issuer")?;
+        let user = claims::lookup(&claims, &issuer.user_claim)
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                format!(
+                    "the claims have no '{}' (the issuer's user claim)",
+                    issuer.user_claim
+                )
+            })?
+            .to_string();
+        Ok(Identity {
+            issuer: issuer.issuer.clone(),
+            subject: claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            user,
+            groups: claims::strings(claims::lookup(&claims, &issuer.groups_claim)),
+            expires_at: SystemTime::now() + Duration::from_secs(3600),
+            claims,
+        })
+    }
+}
+
 /// Verifies tokens of the configured issuers. Background key refresh stops when dropped.
 pub struct Verifier {
     issuers: Vec<Arc<IssuerKeys>>,

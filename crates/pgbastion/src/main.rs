@@ -2,6 +2,7 @@
 //! Commands: `serve` (run the proxy), `check` (validate a config), `demo` (everything local).
 
 mod demo;
+mod policy;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -39,12 +40,39 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: SocketAddr,
     },
+    /// Decide statements offline against a configuration's mappings and policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Show the decision for one SQL text and what the analysis found in it.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The token's claims as JSON, e.g. '{"preferred_username": "alice", "groups": ["analysts"]}'.
+        #[arg(long)]
+        claims: String,
+        /// The database connected to (default: the first one the mappings name).
+        #[arg(long)]
+        database: Option<String>,
+        sql: String,
+    },
+    /// Run (claims, SQL, expected decision) cases from a TOML file; exit 1 on any mismatch.
+    Test {
+        #[arg(long, short)]
+        config: PathBuf,
+        cases: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Policy { .. } => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -63,6 +91,15 @@ fn main() -> ExitCode {
             Command::Serve { config } => serve(config).await,
             Command::Check { config } => check(config),
             Command::Demo { listen } => demo::run(listen).await,
+            Command::Policy { command } => match command {
+                PolicyCommand::Explain {
+                    config,
+                    claims,
+                    database,
+                    sql,
+                } => policy::explain(&config, &claims, database.as_deref(), &sql),
+                PolicyCommand::Test { config, cases } => policy::test(&config, &cases),
+            },
         }
     });
     match result {
