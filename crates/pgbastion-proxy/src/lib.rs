@@ -7,6 +7,7 @@
 //! and the integration tests.
 
 mod cancel;
+mod decision_cache;
 mod handshake;
 mod listener;
 mod options;

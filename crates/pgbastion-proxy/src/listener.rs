@@ -1,6 +1,7 @@
 //! The listener: binds, accepts, and gives each connection its task, id and tracing span.
 
 use crate::cancel::CancelRegistry;
+use crate::decision_cache::DecisionCache;
 use crate::handshake;
 use crate::settings::Settings;
 use pgbastion_auth::{Mapper, Verifier};
@@ -13,6 +14,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+/// Distinct statement texts whose decisions are remembered.
+const DECISION_CACHE_ENTRIES: usize = 10_000;
+
 /// What every connection of one proxy shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -20,6 +24,7 @@ pub(crate) struct Shared {
     pub verifier: Verifier,
     pub mapper: Mapper,
     pub cancels: Arc<CancelRegistry>,
+    pub decisions: DecisionCache,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,7 @@ impl Proxy {
                 verifier,
                 mapper,
                 cancels: Arc::new(CancelRegistry::default()),
+                decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
             }),
         })
     }

@@ -8,6 +8,7 @@
 //! exactly as a real error would (failed inside a transaction block, until ROLLBACK).
 
 use crate::cancel::CancelKey;
+use crate::decision_cache::DecisionCache;
 use crate::listener::Shared;
 use crate::reply::Refusal;
 use bytes::{Buf, BytesMut};
@@ -102,6 +103,7 @@ impl Session {
         );
         let ended = {
             let mut to_upstream = ClientToUpstream {
+                decisions: &shared.decisions,
                 client: client_read,
                 upstream: &mut upstream_write,
                 ledger: &ledger,
@@ -162,6 +164,7 @@ impl Session {
 }
 
 struct ClientToUpstream<'a> {
+    decisions: &'a DecisionCache,
     client: ReadHalf<ClientStream>,
     upstream: &'a mut WriteHalf<UpstreamStream>,
     ledger: &'a Mutex<Ledger>,
@@ -319,7 +322,7 @@ impl ClientToUpstream<'_> {
             )
             .hint("statements must be valid UTF-8; set client_encoding to UTF8")
         })?;
-        match decide(&self.principal, &request) {
+        match self.decide_cached(&request) {
             Decision::Allow => Ok(()),
             Decision::Deny(denial) => {
                 tracing::info!(policy = %denial.policy, rule = %denial.rule, message = %denial.message, "statement denied");
@@ -335,6 +338,24 @@ impl ClientToUpstream<'_> {
                 Err(report)
             }
         }
+    }
+
+    /// The decision for a SQL request, from the cache when this exact text was decided before
+    /// under the same policy and search_path.
+    fn decide_cached(&self, request: &Request<'_>) -> Decision {
+        let (kind, sql) = match request {
+            Request::Query(sql) => (b'Q', *sql),
+            Request::Parse { query, .. } => (b'P', *query),
+            Request::FunctionCall { .. } => return decide(&self.principal, request),
+        };
+        let (policy, path) = (&self.principal.policy.name, self.principal.search_path);
+        if let Some(decision) = self.decisions.get(kind, policy, path, sql) {
+            return decision;
+        }
+        let decision = decide(&self.principal, request);
+        self.decisions
+            .insert(kind, policy, path, sql, decision.clone());
+        decision
     }
 
     /// Sends the sentinel in place of the denied message and records the denial. A denied
