@@ -57,9 +57,12 @@ rootcert=$(grep -o 'sslrootcert=[^"]*' "$work/demo.out" | head -1 | cut -d= -f2)
 # The same configuration without TLS, for the diagnostic target.
 plain_port=$(free_port)
 config_path=$(grep -o '/tmp/pgbastion-demo-[^ ]*/pgbastion.toml' "$work/demo.out" | head -1)
-sed -e "s/^address = .*/address = \"127.0.0.1:$plain_port\"\nallow_plaintext = true/" "$config_path" >"$work/plain.toml"
+sed -e "s/^address = .*/address = \"127.0.0.1:$plain_port\"/" -e "s/^allow_plaintext = .*/allow_plaintext = true/" \
+    "$config_path" >"$work/plain.toml"
 "$root/target/release/pgbastion" serve --config "$work/plain.toml" >"$work/plain.log" 2>&1 &
 plain_pid=$!
+sleep 1
+kill -0 "$plain_pid" 2>/dev/null || { echo "the plaintext pgbastion did not start:" >&2; cat "$work/plain.log" >&2; exit 1; }
 
 PGPASSWORD=$up_password pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$up_port" -U demo_owner demo >/dev/null 2>&1
 

@@ -1,9 +1,10 @@
 //! The policy decision against the bare sqlparser parse of the same text (same run), for a
-//! short statement and a ~200-character SELECT. Target: decide <= 1.3x parse.
+//! short statement and a ~200-character SELECT (target: decide <= 1.3x parse), and the cost of
+//! the decision-cache key that spares a repeated statement both.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use pgbastion_config::Policy;
-use pgbastion_policy::{decide, CompiledPolicy, Principal, Request};
+use pgbastion_policy::{decide, decision_key, CompiledPolicy, Principal, Request};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::hint::black_box;
@@ -42,6 +43,10 @@ fn bench(c: &mut Criterion) {
         });
         c.bench_function(&format!("{name}/policy_decide"), |b| {
             b.iter(|| decide(&principal, &Request::Query(black_box(sql))))
+        });
+        // What a decision-cache hit costs: computing the key (the lookup is a hash probe).
+        c.bench_function(&format!("{name}/decision_key"), |b| {
+            b.iter(|| decision_key(black_box(sql)))
         });
     }
 }

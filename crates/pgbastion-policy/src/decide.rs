@@ -319,6 +319,23 @@ fn check_relation(principal: &Principal<'_>, name: &Name, access: Access) -> Opt
     if let Some(hit) = candidates.iter().find(|c| deny.iter().any(|p| glob(p, c))) {
         return Some(policy.deny(format!("{verb} {hit}"), deny_rule, None));
     }
+    // ...and when the client may change search_path, it could resolve to any schema at all.
+    if !policy.guard_search_path && name.schema.is_none() {
+        let any_schema = deny.iter().find(|p| {
+            p.split_once('.')
+                .is_some_and(|(_, table)| glob(table, &name.name))
+        });
+        if let Some(pattern) = any_schema {
+            return Some(policy.deny(
+                format!(
+                    "{verb} {} (it may resolve to {pattern} through search_path)",
+                    name.name
+                ),
+                deny_rule,
+                Some("qualify the name with its schema".into()),
+            ));
+        }
+    }
     // ...and allowed by an allow list only if a schema it could resolve to is listed.
     if !allow.is_empty() && !candidates.iter().any(|c| allow.iter().any(|p| glob(p, c))) {
         let shown = candidates.last().cloned().unwrap_or_default();

@@ -6,10 +6,12 @@
 //! Must not depend on the wire, auth or proxy crates.
 
 mod analyze;
+mod cache_key;
 mod decide;
 mod functions;
 mod names;
 
 pub use analyze::{analyze, Call, StatementInfo};
+pub use cache_key::decision_key;
 pub use decide::{decide, CompiledPolicy, Decision, Denial, Principal, Request};
 pub use names::Name;

@@ -424,3 +424,25 @@ fn allow_lists_admit_only_what_they_name() {
         ],
     );
 }
+
+#[test]
+fn without_a_guarded_search_path_unqualified_names_may_be_anywhere() {
+    let policy = policy(
+        "loose",
+        r#"
+        allow = ["read", "session"]
+        deny_read = ["hr.salaries"]
+        guard_search_path = false
+        "#,
+    );
+    check(
+        &policy,
+        &[
+            ("SET search_path = hr", None),
+            // The policy cannot know which schema the session's search_path now names first.
+            ("SELECT * FROM salaries", Some("deny_read")),
+            ("SELECT * FROM hr.salaries", Some("deny_read")),
+            ("SELECT * FROM public.salaries", None),
+        ],
+    );
+}

@@ -1,5 +1,6 @@
-//! A bounded cache of policy decisions keyed by the exact statement text, so a statement a
-//! client repeats (ORMs, poolers, `-C` style reconnects) is analysed once. The key also holds
+//! A bounded cache of policy decisions keyed by the statement's decision key (its tokens, numbers
+//! aside: `pgbastion_policy::decision_key`), so a statement a client repeats — with other
+//! numbers, reconnecting, or from another session — is analysed once. The key also holds
 //! the message kind (a Parse may hold one statement only), the policy and the search_path: the
 //! only other inputs of a decision.
 
@@ -7,7 +8,7 @@ use pgbastion_policy::Decision;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// Statements longer than this are not cached: they are rarely repeated and would crowd out
+/// Statement keys longer than this are not cached: they are rarely repeated and would crowd out
 /// the rest.
 const MAX_CACHED_TEXT: usize = 8 * 1024;
 

@@ -14,7 +14,7 @@ use crate::reply::Refusal;
 use bytes::{Buf, BytesMut};
 use pgbastion_auth::{Grant, Identity};
 use pgbastion_config::OnTokenExpiry;
-use pgbastion_policy::{decide, CompiledPolicy, Decision, Principal, Request};
+use pgbastion_policy::{decide, decision_key, CompiledPolicy, Decision, Principal, Request};
 use pgbastion_wire::frame::{header, HEADER_LEN};
 use pgbastion_wire::messages::{self, Report, Severity};
 use pgbastion_wire::stream::{ClientStream, UpstreamStream};
@@ -340,21 +340,24 @@ impl ClientToUpstream<'_> {
         }
     }
 
-    /// The decision for a SQL request, from the cache when this exact text was decided before
-    /// under the same policy and search_path.
+    /// The decision for a SQL request, from the cache when the same statement (up to numeric
+    /// literals, see `decision_key`) was decided before under the same policy and search_path.
     fn decide_cached(&self, request: &Request<'_>) -> Decision {
         let (kind, sql) = match request {
             Request::Query(sql) => (b'Q', *sql),
             Request::Parse { query, .. } => (b'P', *query),
             Request::FunctionCall { .. } => return decide(&self.principal, request),
         };
+        let Some(key) = decision_key(sql) else {
+            return decide(&self.principal, request);
+        };
         let (policy, path) = (&self.principal.policy.name, self.principal.search_path);
-        if let Some(decision) = self.decisions.get(kind, policy, path, sql) {
+        if let Some(decision) = self.decisions.get(kind, policy, path, &key) {
             return decision;
         }
         let decision = decide(&self.principal, request);
         self.decisions
-            .insert(kind, policy, path, sql, decision.clone());
+            .insert(kind, policy, path, &key, decision.clone());
         decision
     }
 

@@ -1,0 +1,61 @@
+//! The key under which a decision may be reused: the statement's tokens with every numeric
+//! literal replaced. No rule of `decide` depends on the value of a number (classes, names,
+//! settings, string arguments and WHERE structure do not change with it), so
+//! `SELECT ... WHERE aid = 1` and `... WHERE aid = 2` share one decision. A rule that ever
+//! looks at a number's value (a LIMIT cap, say) must change this key.
+
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::tokenizer::{Token, Tokenizer};
+use std::fmt::Write;
+
+/// None when the text does not tokenize (it will not parse either, and is decided uncached).
+pub fn decision_key(sql: &str) -> Option<String> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    let mut key = String::with_capacity(sql.len() + 16);
+    for token in &tokens {
+        match token {
+            // Whitespace and comments separate tokens but mean nothing to the parser.
+            Token::Whitespace(_) => continue,
+            Token::Number(..) => key.push('#'),
+            // Debug names the kind of token and escapes its text: unambiguous.
+            other => {
+                let _ = write!(key, "{other:?}");
+            }
+        }
+        // NUL cannot occur in a statement's text (messages carry C strings).
+        key.push('\0');
+    }
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_share_a_key_and_everything_else_does_not() {
+        let key = |sql| decision_key(sql).unwrap();
+        assert_eq!(
+            key("SELECT * FROM t WHERE id = 1"),
+            key("SELECT  *  FROM t WHERE id = 42 -- x")
+        );
+        assert_eq!(key("SELECT 1.5e3"), key("SELECT 7"));
+        assert_ne!(
+            key("SELECT * FROM t WHERE id = 1"),
+            key("SELECT * FROM u WHERE id = 1")
+        );
+        assert_ne!(key("SELECT 'a', 'b'"), key("SELECT 'a'', ''b'"));
+        assert_ne!(key("SET x = 'a'"), key("SET x = 'b'"));
+        assert_ne!(
+            key("SELECT set_config('jit', '1', false)"),
+            key("SELECT set_config('role', '1', false)")
+        );
+        assert_ne!(key("SELECT \"T\""), key("SELECT t"));
+        assert_ne!(key("SELECT $1"), key("SELECT $2"));
+    }
+
+    #[test]
+    fn text_that_does_not_tokenize_has_no_key() {
+        assert_eq!(decision_key("SELECT 'unterminated"), None);
+    }
+}
