@@ -80,17 +80,12 @@ impl Harness {
 
     /// A valid one-hour token for a harness user (with its group).
     pub fn token(&self, user: &str) -> String {
-        let group = USERS
-            .iter()
-            .find(|(u, _)| *u == user)
-            .map(|(_, g)| *g)
-            .unwrap_or("nobody");
         self.issuer
-            .token(user, json!({ "groups": [group] }))
+            .sign(&self.claims(user, Duration::from_secs(3600)))
             .expect("signing")
     }
 
-    /// Claims for a harness user, to modify before signing.
+    /// Claims for a harness user (its demo group, or "nobody"), to modify before signing.
     pub fn claims(&self, user: &str, lifetime: Duration) -> serde_json::Value {
         let group = USERS
             .iter()
@@ -99,6 +94,16 @@ impl Harness {
             .unwrap_or("nobody");
         self.issuer
             .claims(user, lifetime, json!({ "groups": [group] }))
+    }
+
+    /// A client configuration for `user` on the demo database, with a fresh token as password.
+    pub fn client_config(&self, user: &str) -> tokio_postgres::Config {
+        let mut config: tokio_postgres::Config = self
+            .connection_string(user, "demo")
+            .parse()
+            .expect("a valid connection string");
+        config.password(self.token(user));
+        config
     }
 
     pub fn tls(&self) -> MakeRustlsConnect {

@@ -68,8 +68,7 @@ async fn copy_works_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_reach_an_idle_client() {
     let h = Harness::start().await;
-    let mut config: tokio_postgres::Config = h.connection_string("bob", "demo").parse().unwrap();
-    config.password(h.token("bob"));
+    let config = h.client_config("bob");
     let (listener, mut connection) = config.connect(h.tls()).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -144,10 +143,8 @@ async fn a_wrong_upstream_credential_is_reported_as_the_proxys_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanishing_client_does_not_leave_its_query_running() {
     let h = Harness::start().await;
-    let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
-    config
-        .password(h.token("alice"))
-        .application_name("vanishing");
+    let mut config = h.client_config("alice");
+    config.application_name("vanishing");
     let (client, connection) = config.connect(h.tls()).await.unwrap();
     let driver = tokio::spawn(connection);
     let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });

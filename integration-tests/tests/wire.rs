@@ -60,10 +60,8 @@ fn field(body: &[u8], code: u8) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_clients_are_told_that_ssl_is_required() {
     let h = Harness::start().await;
-    let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
-    config
-        .password(h.token("alice"))
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let mut config = h.client_config("alice");
+    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
     let Err(err) = config.connect(tokio_postgres::NoTls).await else {
         panic!("plaintext must be refused")
     };
@@ -169,9 +167,8 @@ async fn identity_changing_startup_settings_are_refused() {
         "-c session_authorization=postgres",
         "-c work_mem=1GB",
     ] {
-        let mut config: tokio_postgres::Config =
-            h.connection_string("alice", "demo").parse().unwrap();
-        config.password(h.token("alice")).options(options);
+        let mut config = h.client_config("alice");
+        config.options(options);
         let Err(err) = config.connect(h.tls()).await else {
             panic!("{options} must be refused")
         };
@@ -183,10 +180,8 @@ async fn identity_changing_startup_settings_are_refused() {
             db.message()
         );
     }
-    let mut config: tokio_postgres::Config = h.connection_string("alice", "demo").parse().unwrap();
-    config
-        .password(h.token("alice"))
-        .options("-c search_path=public -c statement_timeout=5s");
+    let mut config = h.client_config("alice");
+    config.options("-c search_path=public -c statement_timeout=5s");
     let (client, connection) = config.connect(h.tls()).await.unwrap();
     tokio::spawn(connection);
     let row = client
