@@ -157,6 +157,25 @@ fn analysts_may_read_but_not_secrets_nor_ssn() {
             ("COPY orders FROM STDIN", Some("read_only")),
             ("COPY orders TO '/tmp/orders.csv'", Some("read_only")),
             ("COPY secrets TO STDOUT", Some("deny_read")),
+            // Statements inside other statements are decided too.
+            ("COPY (SELECT * FROM secrets) TO STDOUT", Some("deny_read")),
+            ("PREPARE q AS SELECT * FROM secrets", Some("deny_read")),
+            (
+                "DECLARE c CURSOR FOR SELECT * FROM secrets",
+                Some("deny_read"),
+            ),
+            ("EXPLAIN SELECT * FROM secrets", Some("deny_read")),
+            ("SELECT * FROM ONLY secrets", Some("deny_read")),
+            (
+                "SELECT (SELECT label FROM secrets LIMIT 1)",
+                Some("deny_read"),
+            ),
+            ("SELECT 1 UNION SELECT id FROM secrets", Some("deny_read")),
+            (
+                "SELECT * FROM orders o, LATERAL (SELECT * FROM secrets) s",
+                Some("deny_read"),
+            ),
+            ("LOCK TABLE orders", Some("read_only")),
         ],
     );
 }
