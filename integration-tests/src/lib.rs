@@ -194,3 +194,29 @@ pub fn client_tls(ca_pem: &str) -> rustls::ClientConfig {
         .with_root_certificates(roots)
         .with_no_client_auth()
 }
+
+/// Raw protocol messages, for tests that speak the wire directly.
+pub mod raw {
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
+    /// A message: tag, Int32 length (including itself), body.
+    pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Reads one message: (tag, body).
+    pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 5];
+        stream
+            .read_exact(&mut head)
+            .await
+            .expect("a message header");
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        stream.read_exact(&mut body).await.expect("a message body");
+        (head[0], body)
+    }
+}

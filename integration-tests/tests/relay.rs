@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use integration_tests::raw::{message, read_message};
 use integration_tests::Harness;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -210,20 +211,4 @@ async fn a_function_call_message_is_refused_and_the_session_continues() {
         }
     }
     assert_eq!(tags, b"TDCZ");
-}
-
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-async fn read_message(stream: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
-    let mut head = [0u8; 5];
-    stream.read_exact(&mut head).await.unwrap();
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    let mut body = vec![0u8; len - 4];
-    stream.read_exact(&mut body).await.unwrap();
-    (head[0], body)
 }

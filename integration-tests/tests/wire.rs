@@ -1,6 +1,7 @@
 //! The first bytes on the wire: TLS negotiation, plaintext refusal, injected plaintext,
 //! GSSENC then SSL, direct SSL, protocol negotiation and startup parameters.
 
+use integration_tests::raw::read_message;
 use integration_tests::{client_tls, Harness};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,16 +39,6 @@ async fn tls_connect(
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-}
-
-/// Reads one message: (tag, body).
-async fn read_message<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
-    let mut head = [0u8; 5];
-    stream.read_exact(&mut head).await.unwrap();
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    let mut body = vec![0u8; len - 4];
-    stream.read_exact(&mut body).await.unwrap();
-    (head[0], body)
 }
 
 fn field(body: &[u8], code: u8) -> String {

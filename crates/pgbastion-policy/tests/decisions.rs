@@ -38,16 +38,21 @@ fn admins() -> CompiledPolicy {
     )
 }
 
-/// None: allowed; Some(rule): denied by that rule.
-fn verdict(policy: &CompiledPolicy, sql: &str) -> Option<String> {
-    let search_path = vec!["analyst".to_string(), "public".to_string()];
+/// The decision for a session of this policy with the search_path `"$user", public`.
+fn decision(policy: &CompiledPolicy, request: &Request<'_>) -> Decision {
+    let search_path = vec!["someone".to_string(), "public".to_string()];
     let principal = Principal {
-        user: "alice",
-        role: "analyst",
+        user: "someone",
+        role: "someone",
         policy,
         search_path: &search_path,
     };
-    match decide(&principal, &Request::Query(sql)) {
+    decide(&principal, request)
+}
+
+/// None: allowed; Some(rule): denied by that rule.
+fn verdict(policy: &CompiledPolicy, sql: &str) -> Option<String> {
+    match decision(policy, &Request::Query(sql)) {
         Decision::Allow => None,
         Decision::Deny(denial) => Some(denial.rule),
     }
@@ -339,15 +344,8 @@ fn unparsable_statements_are_denied_and_never_forwarded() {
         "SELEC 1",
         "SELECT 'unterminated",
     ] {
-        let search_path = vec!["public".to_string()];
         let policy = admins();
-        let principal = Principal {
-            user: "carol",
-            role: "demo_owner",
-            policy: &policy,
-            search_path: &search_path,
-        };
-        let Decision::Deny(denial) = decide(&principal, &Request::Query(sql)) else {
+        let Decision::Deny(denial) = decision(&policy, &Request::Query(sql)) else {
             panic!("{sql} must be denied");
         };
         assert!(
@@ -362,38 +360,24 @@ fn unparsable_statements_are_denied_and_never_forwarded() {
 
 #[test]
 fn a_parse_message_holds_one_statement() {
-    let search_path = vec!["public".to_string()];
     let policy = admins();
-    let principal = Principal {
-        user: "carol",
-        role: "demo_owner",
-        policy: &policy,
-        search_path: &search_path,
-    };
     let request = Request::Parse {
         statement: "",
         query: "SELECT 1; SELECT 2",
     };
-    assert!(matches!(decide(&principal, &request), Decision::Deny(_)));
+    assert!(matches!(decision(&policy, &request), Decision::Deny(_)));
     let request = Request::Parse {
         statement: "s1",
         query: "SELECT $1::int",
     };
-    assert_eq!(decide(&principal, &request), Decision::Allow);
+    assert_eq!(decision(&policy, &request), Decision::Allow);
 }
 
 #[test]
 fn denials_name_the_policy_and_what_was_denied() {
-    let search_path = vec!["public".to_string()];
     let policy = engineers();
-    let principal = Principal {
-        user: "bob",
-        role: "engineer",
-        policy: &policy,
-        search_path: &search_path,
-    };
-    let Decision::Deny(denial) = decide(
-        &principal,
+    let Decision::Deny(denial) = decision(
+        &policy,
         &Request::Query("DELETE FROM audit.log WHERE id = 1"),
     ) else {
         panic!("denied");
@@ -402,7 +386,7 @@ fn denials_name_the_policy_and_what_was_denied() {
         denial.message,
         "policy 'engineers' denies writing to audit.log"
     );
-    let Decision::Deny(denial) = decide(&principal, &Request::Query("DROP TABLE orders")) else {
+    let Decision::Deny(denial) = decision(&policy, &Request::Query("DROP TABLE orders")) else {
         panic!("denied");
     };
     assert_eq!(denial.message, "policy 'engineers' denies ddl statements");
