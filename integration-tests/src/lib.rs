@@ -182,6 +182,24 @@ impl Harness {
     }
 }
 
+/// Every row of every statement of a simple query, as text (None for NULL); panics on error.
+pub async fn text_rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A rustls client configuration trusting only `ca_pem`.
 pub fn client_tls(ca_pem: &str) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();

@@ -238,3 +238,115 @@ async fn psql_catalog_commands_pass_a_read_policy() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_and_inheritance_are_decided_by_what_they_read_in_the_upstream_catalog() {
+    let h = Harness::start().await;
+    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    // Alice's session starts before these exist: a name the catalog snapshot does not know
+    // makes the proxy read a newer one.
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    carol
+        .batch_execute(
+            "CREATE VIEW customer_names AS SELECT id, name FROM customers;
+             CREATE VIEW customer_contacts AS SELECT id, name FROM customers WHERE ssn IS NOT NULL;
+             CREATE VIEW secret_view AS SELECT * FROM secrets;
+             CREATE VIEW nested_view AS SELECT count(*) AS n FROM secret_view;
+             CREATE TABLE secrets_archive () INHERITS (secrets);
+             GRANT SELECT ON customer_names, customer_contacts, secret_view, nested_view,
+                 secrets_archive TO analyst;",
+        )
+        .await
+        .unwrap();
+    let names = alice
+        .query("SELECT name FROM customer_names ORDER BY id", &[])
+        .await
+        .unwrap();
+    assert!(!names.is_empty());
+    for (sql, message) in [
+        (
+            "SELECT * FROM secret_view",
+            "policy 'analysts' denies reading public.secrets (through view public.secret_view)",
+        ),
+        (
+            "SELECT n FROM nested_view",
+            "policy 'analysts' denies reading public.secrets (through view public.secret_view)",
+        ),
+        (
+            "SELECT * FROM secrets_archive",
+            "policy 'analysts' denies reading public.secrets (through child table public.secrets_archive)",
+        ),
+        (
+            "SELECT id FROM customer_contacts",
+            "policy 'analysts' denies reading column public.customers.ssn (through view public.customer_contacts)",
+        ),
+    ] {
+        let err = alice.simple_query(sql).await.unwrap_err();
+        assert_eq!(denial(&err), ("42501".into(), message.into()), "{sql}");
+    }
+    // A view replaced later is seen as it is now once the snapshot is refreshed.
+    carol
+        .batch_execute(
+            "CREATE OR REPLACE VIEW customer_names AS SELECT id, name, ssn FROM customers",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // A new relation's name makes the proxy look again.
+    carol
+        .batch_execute("CREATE TABLE fresh_table (id int); GRANT SELECT ON fresh_table TO analyst")
+        .await
+        .unwrap();
+    alice
+        .simple_query("SELECT * FROM fresh_table")
+        .await
+        .unwrap();
+    let err = alice
+        .simple_query("SELECT name FROM customer_names")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denial(&err).1,
+        "policy 'analysts' denies reading column public.customers.ssn (through view public.customer_names)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_path_change_is_tracked_so_unqualified_names_stay_decided() {
+    let h = Harness::start_with(|config| {
+        let analysts = config.policies.get_mut("analysts").unwrap();
+        analysts.deny_read.push("vault.*".into());
+    })
+    .await;
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    carol
+        .batch_execute(
+            "CREATE SCHEMA vault; CREATE TABLE vault.orders (secret text);
+             INSERT INTO vault.orders VALUES ('x');
+             GRANT USAGE ON SCHEMA vault TO analyst; GRANT SELECT ON vault.orders TO analyst;",
+        )
+        .await
+        .unwrap();
+    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    let vault_denied = "policy 'analysts' denies reading vault.orders";
+    for (sql, denied) in [
+        ("SELECT * FROM orders", None),
+        ("SET search_path TO vault, public", None),
+        // `orders` now means vault.orders upstream.
+        ("SELECT * FROM orders", Some(vault_denied)),
+        // Setting it back does not forget vault: had the SET failed upstream (in a failed
+        // transaction, say), PostgreSQL would still search it.
+        ("SET search_path TO public", None),
+        ("SELECT * FROM orders", Some(vault_denied)),
+        ("SELECT * FROM public.orders", None),
+    ] {
+        match (alice.simple_query(sql).await, denied) {
+            (Ok(_), None) => {}
+            (Err(err), Some(message)) => assert_eq!(denial(&err).1, message, "{sql}"),
+            (result, _) => panic!("{sql}: {:?}", result.map(|_| ())),
+        }
+    }
+    // Other sessions are unaffected.
+    let other = h.connect("alice", &h.token("alice")).await.unwrap();
+    other.simple_query("SELECT * FROM orders").await.unwrap();
+}

@@ -12,7 +12,7 @@ mod secret;
 mod validate;
 
 pub use model::*;
-pub use secret::{Secret, SecretError};
+pub use secret::{Secret, SecretError, SecretSource};
 pub use validate::{Problem, Problems};
 
 /// Parses and validates a configuration. Every problem is reported with its key path and line.
@@ -91,6 +91,42 @@ allow = ["read", "session"]
         assert_eq!(config.issuers[0].leeway, std::time::Duration::from_secs(60));
         assert_eq!(config.session.on_token_expiry, OnTokenExpiry::Disconnect);
         assert_eq!(config.client.max_password_bytes, 65536);
+    }
+
+    #[test]
+    fn gateway_mode_needs_the_gateway_credential_and_no_mapped_role_credential() {
+        let gateway = MINIMAL.replace(
+            "[upstream.roles.analyst]",
+            "[upstream.gateway]\nrole = \"gw\"\n\n[upstream.roles.gw]",
+        );
+        let config = parse(&gateway).unwrap();
+        assert_eq!(config.upstream.gateway.unwrap().role, "gw");
+        let missing = MINIMAL.replace(
+            "[upstream.roles.analyst]",
+            "[upstream.gateway]\nrole = \"gw\"\n\n[upstream.roles.analyst]",
+        );
+        let shown = parse(&missing).unwrap_err().to_string();
+        assert!(
+            shown.contains("upstream.gateway.role: the gateway role 'gw' has no credential"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn reserved_settings_can_never_be_startup_parameters() {
+        let text = MINIMAL.replace(
+            "allow_plaintext = true",
+            "allow_plaintext = true\n\n[client]\nextra_startup_parameters = [\"pgbastion.user\", \"work_mem\"]",
+        );
+        let shown = parse(&text).unwrap_err().to_string();
+        assert!(
+            shown.contains("client.extra_startup_parameters[0]"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("client.extra_startup_parameters[1]"),
+            "{shown}"
+        );
     }
 
     #[test]

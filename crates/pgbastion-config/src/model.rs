@@ -123,6 +123,10 @@ pub const FORBIDDEN_STARTUP_PARAMETERS: &[&str] = &[
     "escape_string_warning",
 ];
 
+/// Settings under this prefix carry the verified identity in gateway mode; clients can neither
+/// pass nor change them.
+pub const RESERVED_SETTING_PREFIX: &str = "pgbastion.";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnTokenExpiry {
@@ -213,6 +217,22 @@ pub struct Upstream {
     /// Credentials of the roles pgbastion logs in as, by role name.
     #[serde(default)]
     pub roles: BTreeMap<String, SecretSource>,
+    /// How old the upstream catalog facts policies use (views, partitions, which relations
+    /// exist) may be; a relation they do not know triggers a reload sooner.
+    #[serde(default = "defaults::catalog_refresh", with = "crate::duration")]
+    pub catalog_refresh: Duration,
+    /// Gateway mode: every session logs in as this one role and runs as its mapped role,
+    /// set at connection start, with the verified identity in `pgbastion.*` settings.
+    pub gateway: Option<Gateway>,
+}
+
+/// Gateway mode's login role. It should be NOINHERIT and a member of every mapped role, so
+/// that it holds no privileges of its own and can become exactly the roles it is granted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// The login role; its credential is the `[upstream.roles]` entry of the same name.
+    pub role: String,
 }
 
 /// One rule mapping verified claims to an upstream role. Rules are tried in order;
@@ -316,8 +336,9 @@ pub struct Policy {
     /// Built-in dangerous functions this policy may call anyway.
     #[serde(default)]
     pub allow_functions: Vec<String>,
-    /// Refuse changing search_path, which would change what unqualified names mean.
-    #[serde(default = "defaults::yes")]
+    /// Refuse changing search_path (pin it). When false (the default), SET search_path is
+    /// allowed and every schema the session's path has held counts when resolving names.
+    #[serde(default)]
     pub guard_search_path: bool,
     /// Forward statements pgbastion cannot parse, unchecked. Dangerous: anything the parser
     /// does not understand then reaches PostgreSQL without a decision.
@@ -382,7 +403,7 @@ mod defaults {
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)
     }
-    pub fn yes() -> bool {
-        true
+    pub fn catalog_refresh() -> Duration {
+        Duration::from_secs(10)
     }
 }

@@ -101,8 +101,10 @@ fn client(client: &Client, out: &mut Collector) {
         out.add("client.max_statement_bytes", "must be at least 1024");
     }
     for (i, name) in client.extra_startup_parameters.iter().enumerate() {
-        if FORBIDDEN_STARTUP_PARAMETERS.contains(&name.to_ascii_lowercase().as_str())
-            || name.starts_with("_pq_")
+        let lower = name.to_ascii_lowercase();
+        if FORBIDDEN_STARTUP_PARAMETERS.contains(&lower.as_str())
+            || lower.starts_with("_pq_")
+            || lower.starts_with(RESERVED_SETTING_PREFIX)
         {
             out.add(
                 format!("client.extra_startup_parameters[{i}]"),
@@ -184,6 +186,17 @@ fn upstream(upstream: &Upstream, out: &mut Collector) {
             "tls = \"verify-full\" needs the CA certificate that signed the upstream's certificate",
         );
     }
+    if let Some(gateway) = &upstream.gateway {
+        if !upstream.roles.contains_key(&gateway.role) {
+            out.add(
+                "upstream.gateway.role",
+                format!(
+                    "the gateway role '{}' has no credential: add [upstream.roles.{}] with password_file or password_env",
+                    gateway.role, gateway.role
+                ),
+            );
+        }
+    }
     for (role, source) in &upstream.roles {
         let path = format!("upstream.roles.{role}");
         match (&source.password_file, &source.password_env) {
@@ -210,7 +223,7 @@ fn mappings(config: &Config, out: &mut Collector) {
                 format!("rule name '{}' is used twice", mapping.name),
             );
         }
-        if !config.upstream.roles.contains_key(&mapping.role) {
+        if config.upstream.gateway.is_none() && !config.upstream.roles.contains_key(&mapping.role) {
             out.add(
                 format!("{path}.role"),
                 format!(

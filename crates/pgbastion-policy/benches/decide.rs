@@ -36,6 +36,7 @@ fn bench(c: &mut Criterion) {
         role: "analyst",
         policy: &policy,
         search_path: &search_path,
+        catalog: None,
     };
     for (name, sql) in [("select_1", SHORT), ("select_200_chars", SELECT_200)] {
         c.bench_function(&format!("{name}/sqlparser_parse"), |b| {

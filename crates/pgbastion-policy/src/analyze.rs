@@ -3,6 +3,7 @@
 //! Parsing uses sqlparser's PostgreSQL dialect; anything it cannot parse is an error, and the
 //! caller denies it.
 
+use crate::fallback;
 use crate::names::{ident, Name};
 use pgbastion_config::StatementClass;
 use sqlparser::ast::{
@@ -22,6 +23,8 @@ pub struct Call {
     pub name: Name,
     /// The first argument when it is a string literal (set_config's setting name).
     pub first_literal: Option<String>,
+    /// The second argument when it is a string literal (set_config's value).
+    pub second_literal: Option<String>,
     /// Whether a first argument exists at all.
     pub has_args: bool,
 }
@@ -45,16 +48,23 @@ pub struct StatementInfo {
     pub unfiltered: Option<&'static str>,
     /// BEGIN or SET TRANSACTION asking for READ WRITE.
     pub read_write: bool,
+    /// search_path values the statement sets (SET, SET SCHEMA, set_config), schemas normalised;
+    /// None for a value the analysis cannot read (an expression), which is denied.
+    pub search_paths: Vec<Option<Vec<String>>>,
 }
 
 /// Parses `sql` and analyses every statement in it.
 pub fn analyze(sql: &str) -> Result<Vec<StatementInfo>, String> {
-    let statements =
-        Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|err| err.to_string())?;
-    Ok(statements.iter().map(analyze_statement).collect())
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(statements) => Ok(statements.iter().map(analyze_statement).collect()),
+        Err(err) => {
+            // A few forms real clients send are beyond sqlparser; see `fallback`.
+            fallback::analyze_pieces(sql).ok_or_else(|| err.to_string())
+        }
+    }
 }
 
-fn analyze_statement(statement: &Statement) -> StatementInfo {
+pub(crate) fn analyze_statement(statement: &Statement) -> StatementInfo {
     let mut collector = Collector {
         info: StatementInfo::default(),
         ctes: BTreeSet::new(),
@@ -67,6 +77,23 @@ fn analyze_statement(statement: &Statement) -> StatementInfo {
         .retain(|n| n.schema.is_some() || !ctes.contains(&n.name));
     // Class of the top-level statement (nested DML was classed while visiting).
     top_level(statement, &mut info);
+    for call in &info.calls {
+        let set_config = call.name.name == "set_config"
+            && call
+                .name
+                .schema
+                .as_deref()
+                .is_none_or(|s| s == "pg_catalog");
+        if set_config
+            && call
+                .first_literal
+                .as_deref()
+                .is_some_and(|s| s.eq_ignore_ascii_case("search_path"))
+        {
+            let path = call.second_literal.as_deref().map(path_from_string);
+            info.search_paths.push(path);
+        }
+    }
     if info.classes.is_empty() {
         info.classes.insert(StatementClass::Admin);
     }
@@ -154,6 +181,13 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
         | Statement::ReleaseSavepoint { .. } => Transaction,
         Statement::Set(set) => {
             settings_of(set, &mut info.settings);
+            if info.settings.iter().any(|s| s == "search_path") {
+                let path = match set {
+                    Set::SingleAssignment { values, .. } => path_from_values(values),
+                    _ => None,
+                };
+                info.search_paths.push(path);
+            }
             Session
         }
         Statement::Reset(reset) => {
@@ -165,7 +199,9 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
             Session
         }
         Statement::Discard { .. } => Session,
-        Statement::LISTEN { .. } | Statement::UNLISTEN { .. } | Statement::NOTIFY { .. } => Listen,
+        // UNLISTEN only stops notifications: clients reset sessions with it.
+        Statement::UNLISTEN { .. } => Session,
+        Statement::LISTEN { .. } | Statement::NOTIFY { .. } => Listen,
         Statement::Prepare { .. }
         | Statement::Execute { .. }
         | Statement::Deallocate { .. }
@@ -202,14 +238,79 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
 }
 
 fn setting_name(name: &sqlparser::ast::ObjectName) -> String {
-    name.0
+    let name = name
+        .0
         .iter()
         .map(|part| match part {
             sqlparser::ast::ObjectNamePart::Identifier(i) => ident(i),
             sqlparser::ast::ObjectNamePart::Function(_) => String::new(),
         })
         .collect::<Vec<_>>()
-        .join(".")
+        .join(".");
+    // SET SCHEMA 'x' is PostgreSQL's spelling of SET search_path TO 'x'.
+    match name.as_str() {
+        "schema" => "search_path".into(),
+        _ => name,
+    }
+}
+
+/// The schemas of `SET search_path TO a, "B", 'c'`: identifiers as PostgreSQL folds them,
+/// string literals as they are; DEFAULT and anything else adds nothing readable. None when a
+/// value is an expression the proxy cannot evaluate.
+fn path_from_values(values: &[Expr]) -> Option<Vec<String>> {
+    let mut path = Vec::new();
+    for value in values {
+        match value {
+            Expr::Identifier(i) => path.push(ident(i)),
+            other => {
+                let text = literal_string(other)?;
+                // A quoted value is one schema name to SET, but set_config reads a list:
+                // count both readings, the union is what may be searched.
+                path.push(text.clone());
+                path.extend(path_from_string(&text));
+            }
+        }
+    }
+    Some(path)
+}
+
+/// The schemas of a search_path given as one string ('a, "B"'), parsed as PostgreSQL's
+/// SplitIdentifierString does: commas separate, double quotes keep case, the rest folds.
+pub fn path_from_string(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else { break };
+        let mut name = String::new();
+        if first == '"' {
+            chars.next();
+            while let Some(c) = chars.next() {
+                if c == '"' {
+                    if chars.peek() == Some(&'"') {
+                        chars.next();
+                        name.push('"');
+                    } else {
+                        break;
+                    }
+                } else {
+                    name.push(c);
+                }
+            }
+            while chars.peek().is_some_and(|c| *c != ',') {
+                chars.next();
+            }
+            out.push(name);
+        } else {
+            while chars.peek().is_some_and(|c| *c != ',') {
+                name.push(chars.next().unwrap_or_default());
+            }
+            out.push(ident(&sqlparser::ast::Ident::new(name.trim())));
+        }
+    }
+    out
 }
 
 fn settings_of(set: &Set, out: &mut Vec<String>) {
@@ -271,6 +372,7 @@ impl Visitor for Collector {
                     self.info.calls.push(Call {
                         name,
                         first_literal: None,
+                        second_literal: None,
                         has_args: true,
                     });
                 } else {
@@ -400,17 +502,20 @@ impl Collector {
 }
 
 fn call(name: Name, args: &[FunctionArg]) -> Call {
-    let first = args.first().and_then(|arg| match arg {
-        FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) => Some(expr),
-        FunctionArg::Named {
-            arg: FunctionArgExpr::Expr(expr),
-            ..
-        } => Some(expr),
-        _ => None,
-    });
+    let literal = |index: usize| {
+        args.get(index).and_then(|arg| match arg {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) => literal_string(expr),
+            FunctionArg::Named {
+                arg: FunctionArgExpr::Expr(expr),
+                ..
+            } => literal_string(expr),
+            _ => None,
+        })
+    };
     Call {
         name,
-        first_literal: first.and_then(literal_string),
+        first_literal: literal(0),
+        second_literal: literal(1),
         has_args: !args.is_empty(),
     }
 }

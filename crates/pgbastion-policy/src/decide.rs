@@ -1,6 +1,7 @@
 //! Deciding: a statement's analysis against a policy's rules, first failing rule wins.
 
 use crate::analyze::{analyze, StatementInfo};
+use crate::catalog::Catalog;
 use crate::functions::{always_guarded, DANGEROUS};
 use crate::names::{glob, Name};
 use pgbastion_config::{Policy, StatementClass};
@@ -13,8 +14,22 @@ pub struct Principal<'a> {
     /// The upstream role the session runs as.
     pub role: &'a str,
     pub policy: &'a CompiledPolicy,
-    /// The session's search_path, `$user` already replaced by the role.
+    /// Every schema the session's search_path has held (the session may change it, and a
+    /// SET that fails upstream must not let the proxy's idea of it drift from PostgreSQL's),
+    /// `$user` already replaced by the role.
     pub search_path: &'a [String],
+    /// The upstream catalog: resolves names exactly and expands views and inheritance.
+    /// Without it (policy tooling), names are resolved by their possible schemas alone.
+    pub catalog: Option<&'a Catalog>,
+}
+
+/// What an allowed request changes in how later ones are decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Schemas the session's search_path may now hold.
+    pub search_path: Vec<String>,
+    /// A relation named was not in the catalog: a newer catalog may know it.
+    pub unknown_relations: bool,
 }
 
 /// What the client asks the upstream to do.
@@ -98,6 +113,15 @@ impl CompiledPolicy {
         self.read_only
     }
 
+    /// Whether deciding needs the upstream catalog: relation or column rules.
+    pub fn needs_catalog(&self) -> bool {
+        !(self.deny_read.is_empty()
+            && self.deny_write.is_empty()
+            && self.allow_read.is_empty()
+            && self.allow_write.is_empty()
+            && self.deny_columns.is_empty())
+    }
+
     fn deny(&self, reason: impl Into<String>, rule: &str, hint: Option<String>) -> Decision {
         Decision::Deny(Denial {
             policy: self.name.clone(),
@@ -114,6 +138,27 @@ impl CompiledPolicy {
 }
 
 pub fn decide(principal: &Principal<'_>, request: &Request<'_>) -> Decision {
+    decide_with_effects(principal, request).0
+}
+
+/// The decision, and for an allowed request what it changes for later ones.
+pub fn decide_with_effects(
+    principal: &Principal<'_>,
+    request: &Request<'_>,
+) -> (Decision, Effects) {
+    let mut effects = Effects::default();
+    let decision = decide_request(principal, request, &mut effects);
+    if decision != Decision::Allow {
+        effects = Effects::default();
+    }
+    (decision, effects)
+}
+
+fn decide_request(
+    principal: &Principal<'_>,
+    request: &Request<'_>,
+    effects: &mut Effects,
+) -> Decision {
     let policy = principal.policy;
     let sql = match request {
         Request::Query(sql) | Request::Parse { query: sql, .. } => sql,
@@ -155,6 +200,22 @@ pub fn decide(principal: &Principal<'_>, request: &Request<'_>) -> Decision {
         let decision = decide_statement(principal, statement);
         if decision != Decision::Allow {
             return decision;
+        }
+        for path in statement.search_paths.iter().flatten() {
+            for schema in path {
+                if !effects.search_path.contains(schema) {
+                    effects.search_path.push(schema.clone());
+                }
+            }
+        }
+        if let Some(catalog) = principal.catalog {
+            effects.unknown_relations |=
+                statement.reads.iter().chain(&statement.writes).any(|name| {
+                    !name
+                        .candidates(principal.search_path)
+                        .iter()
+                        .any(|c| catalog.contains(c))
+                });
         }
     }
     Decision::Allow
@@ -200,6 +261,13 @@ fn decide_statement(principal: &Principal<'_>, info: &StatementInfo) -> Decision
         if let Some(decision) = guarded(policy, setting) {
             return decision;
         }
+    }
+    if info.search_paths.iter().any(Option::is_none) {
+        return policy.deny(
+            "setting search_path to a value that is not a literal",
+            "guarded_setting",
+            Some("name the schemas literally: SET search_path TO a, b".into()),
+        );
     }
     for call in &info.calls {
         if let Some(decision) = check_call(principal, call) {
@@ -315,30 +383,51 @@ fn check_relation(principal: &Principal<'_>, name: &Name, access: Access) -> Opt
             "allow_write",
         ),
     };
+    let denied = |relation: &str| deny.iter().any(|p| glob(p, relation));
     // An unqualified name is denied if any schema it could resolve to is denied...
-    if let Some(hit) = candidates.iter().find(|c| deny.iter().any(|p| glob(p, c))) {
+    if let Some(hit) = candidates.iter().find(|c| denied(c)) {
         return Some(policy.deny(format!("{verb} {hit}"), deny_rule, None));
     }
-    // ...and when the client may change search_path, it could resolve to any schema at all.
-    if !policy.guard_search_path && name.schema.is_none() {
-        let any_schema = deny.iter().find(|p| {
-            p.split_once('.')
-                .is_some_and(|(_, table)| glob(table, &name.name))
-        });
-        if let Some(pattern) = any_schema {
-            return Some(policy.deny(
-                format!(
-                    "{verb} {} (it may resolve to {pattern} through search_path)",
-                    name.name
-                ),
-                deny_rule,
-                Some("qualify the name with its schema".into()),
-            ));
+    // ...and so is what it really reads: a view's relations, a table's inheritance tree.
+    let existing: Vec<&String> = match principal.catalog {
+        Some(catalog) => candidates.iter().filter(|c| catalog.contains(c)).collect(),
+        None => Vec::new(),
+    };
+    if let Some(catalog) = principal.catalog {
+        for candidate in &existing {
+            if let Some(hit) = catalog
+                .reaches(candidate)
+                .into_iter()
+                .find(|r| denied(&r.relation))
+            {
+                return Some(policy.deny(
+                    format!("{verb} {} (through {})", hit.relation, hit.via),
+                    deny_rule,
+                    None,
+                ));
+            }
         }
     }
-    // ...and allowed by an allow list only if a schema it could resolve to is listed.
-    if !allow.is_empty() && !candidates.iter().any(|c| allow.iter().any(|p| glob(p, c))) {
-        let shown = candidates.last().cloned().unwrap_or_default();
+    if allow.is_empty() {
+        return None;
+    }
+    let allowed = |relation: &str| allow.iter().any(|p| glob(p, relation));
+    let is_allowed = match principal.catalog {
+        // Whichever existing relation the name resolves to must be allowed; a name the
+        // catalog does not know (a temporary table, one created since) only if every schema
+        // it could resolve to is.
+        Some(_) if !existing.is_empty() => existing.iter().all(|c| allowed(c)),
+        Some(_) => candidates.iter().all(|c| allowed(c)),
+        // Policy tooling without a catalog: a schema it could resolve to is listed.
+        None => candidates.iter().any(|c| allowed(c)),
+    };
+    if !is_allowed {
+        let shown = existing
+            .iter()
+            .find(|c| !allowed(c))
+            .map(|c| c.to_string())
+            .or_else(|| candidates.last().cloned())
+            .unwrap_or_default();
         return Some(policy.deny(
             format!("{verb} {shown}"),
             allow_rule,
@@ -351,28 +440,59 @@ fn check_relation(principal: &Principal<'_>, name: &Name, access: Access) -> Opt
     None
 }
 
-/// Denied columns. Without the catalog the rule is conservative: when a statement reads a
-/// table with denied columns, any `*`, any reference to a denied column's name, and any
-/// whole-row reference to that table are refused.
+/// Denied columns. Tables are matched conservatively: when a statement reads a table with
+/// denied columns (or one of its inheritance tree), any `*`, any reference to a denied
+/// column's name, and any whole-row reference to that table are refused. Through a view, the
+/// columns the view's definition reads count; a view reading the whole row reads them all.
 fn check_columns(principal: &Principal<'_>, info: &StatementInfo) -> Option<Decision> {
     let policy = principal.policy;
     if policy.deny_columns.is_empty() {
         return None;
     }
-    // Tables read by the statement that have denied columns: table key -> columns.
-    let mut sensitive: Vec<(&Name, &String, &BTreeSet<String>)> = Vec::new();
-    for name in info.reads.iter().chain(info.writes.iter()) {
-        for candidate in name.candidates(principal.search_path) {
-            if let Some((key, columns)) = policy.deny_columns.get_key_value(&candidate) {
-                sensitive.push((name, key, columns));
-            }
-        }
-    }
-    let (_, table, columns) = sensitive.first()?;
     let column_hint = Some(
         "name only the columns you need: *, whole-row references and conditions read a column too"
             .to_string(),
     );
+    // Tables read by the statement that have denied columns: (name, table key, columns).
+    let mut sensitive: Vec<(&Name, String, &BTreeSet<String>)> = Vec::new();
+    for name in info.reads.iter().chain(info.writes.iter()) {
+        for candidate in name.candidates(principal.search_path) {
+            if let Some((key, columns)) = policy.deny_columns.get_key_value(&candidate) {
+                sensitive.push((name, key.clone(), columns));
+            }
+            let Some(catalog) = principal.catalog else {
+                continue;
+            };
+            if !catalog.contains(&candidate) {
+                continue;
+            }
+            for reached in catalog.reaches(&candidate) {
+                let Some((key, denied)) = policy.deny_columns.get_key_value(&reached.relation)
+                else {
+                    continue;
+                };
+                if !reached.by_view {
+                    // A parent or child shares its columns with the table read.
+                    sensitive.push((name, key.clone(), denied));
+                    continue;
+                }
+                let hit = match &reached.columns {
+                    Some(read) => read.intersection(denied).next(),
+                    None => denied.iter().next(),
+                };
+                if let Some(column) = hit {
+                    return Some(policy.deny(
+                        format!("reading column {key}.{column} (through {})", reached.via),
+                        "deny_columns",
+                        Some(format!(
+                            "{candidate} reads {key}.{column}; read the columns you need from a relation that does not"
+                        )),
+                    ));
+                }
+            }
+        }
+    }
+    let (_, table, columns) = sensitive.first()?;
     let first_column = |cols: &BTreeSet<String>| cols.iter().next().cloned().unwrap_or_default();
     for wildcard in &info.wildcards {
         let hits_sensitive = match wildcard {

@@ -7,11 +7,16 @@
 
 mod analyze;
 mod cache_key;
+mod catalog;
 mod decide;
+mod fallback;
 mod functions;
 mod names;
 
 pub use analyze::{analyze, Call, StatementInfo};
 pub use cache_key::decision_key;
-pub use decide::{decide, CompiledPolicy, Decision, Denial, Principal, Request};
+pub use catalog::{Catalog, Fact, Reached};
+pub use decide::{
+    decide, decide_with_effects, CompiledPolicy, Decision, Denial, Effects, Principal, Request,
+};
 pub use names::Name;

@@ -1,7 +1,9 @@
 //! Table-driven decisions: (policy, SQL) -> allowed, or denied with the rule that decided.
 
 use pgbastion_config::Policy;
-use pgbastion_policy::{decide, CompiledPolicy, Decision, Principal, Request};
+use pgbastion_policy::{
+    decide, decide_with_effects, Catalog, CompiledPolicy, Decision, Fact, Principal, Request,
+};
 
 fn policy(name: &str, toml_text: &str) -> CompiledPolicy {
     let policy: Policy = toml::from_str(toml_text).expect("policy TOML");
@@ -46,6 +48,7 @@ fn decision(policy: &CompiledPolicy, request: &Request<'_>) -> Decision {
         role: "someone",
         policy,
         search_path: &search_path,
+        catalog: None,
     };
     decide(&principal, request)
 }
@@ -216,7 +219,6 @@ fn identity_changing_settings_are_always_denied() {
                     Some("guarded_setting"),
                 ),
                 ("SET pgbastion.claims = '{}'", Some("guarded_setting")),
-                ("SET search_path = evil, public", Some("guarded_setting")),
                 // The parser and PostgreSQL must read string literals the same way.
                 (
                     "SET standard_conforming_strings = off",
@@ -428,24 +430,250 @@ fn allow_lists_admit_only_what_they_name() {
     );
 }
 
+/// A session: decides requests in order, tracking the search_path as the proxy does.
+struct Session<'a> {
+    policy: &'a CompiledPolicy,
+    search_path: Vec<String>,
+    catalog: Option<&'a Catalog>,
+}
+
+impl Session<'_> {
+    fn run(&mut self, sql: &str) -> Option<String> {
+        let principal = Principal {
+            user: "someone",
+            role: "someone",
+            policy: self.policy,
+            search_path: &self.search_path,
+            catalog: self.catalog,
+        };
+        let (decision, effects) = decide_with_effects(&principal, &Request::Query(sql));
+        for schema in effects.search_path {
+            if !self.search_path.contains(&schema) {
+                self.search_path.push(schema);
+            }
+        }
+        match decision {
+            Decision::Allow => None,
+            Decision::Deny(denial) => Some(denial.rule),
+        }
+    }
+}
+
 #[test]
-fn without_a_guarded_search_path_unqualified_names_may_be_anywhere() {
+fn search_path_changes_are_tracked_and_every_schema_it_held_counts() {
     let policy = policy(
         "loose",
         r#"
         allow = ["read", "session"]
         deny_read = ["hr.salaries"]
-        guard_search_path = false
         "#,
     );
+    let mut session = Session {
+        policy: &policy,
+        search_path: vec!["someone".into(), "public".into()],
+        catalog: None,
+    };
+    assert_eq!(session.run("SELECT * FROM salaries"), None);
+    assert_eq!(session.run("SET search_path = hr"), None);
+    assert_eq!(
+        session.run("SELECT * FROM salaries"),
+        Some("deny_read".into())
+    );
+    // Even after setting it back: the SET may have failed upstream, so hr still counts.
+    assert_eq!(session.run("SET search_path TO public"), None);
+    assert_eq!(
+        session.run("SELECT * FROM salaries"),
+        Some("deny_read".into())
+    );
+    assert_eq!(session.run("SELECT * FROM public.orders"), None);
+
+    for (sql, schemas) in [
+        ("SET search_path = \"Hr\", app", vec!["Hr", "app"]),
+        (
+            "SELECT set_config('search_path', 'a, \"B\"', false)",
+            vec!["a", "B"],
+        ),
+        ("SET LOCAL search_path TO x", vec!["x"]),
+    ] {
+        let mut session = Session {
+            policy: &policy,
+            search_path: vec![],
+            catalog: None,
+        };
+        assert_eq!(session.run(sql), None, "{sql}");
+        let mut got = session.search_path.clone();
+        got.sort();
+        got.dedup();
+        let mut want: Vec<String> = schemas.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(got, want, "{sql}");
+    }
+    // A value the proxy cannot read is refused.
+    assert_eq!(
+        verdict(
+            &policy,
+            "SELECT set_config('search_path', current_user, false)"
+        ),
+        Some("guarded_setting".into())
+    );
+    // Pinned: no change at all.
+    let pinned = self::policy(
+        "pinned",
+        r#"
+        allow = ["read", "session"]
+        guard_search_path = true
+        "#,
+    );
+    assert_eq!(
+        verdict(&pinned, "SET search_path = hr"),
+        Some("guarded_setting".into())
+    );
+}
+
+fn demo_catalog() -> Catalog {
+    let relation = |name: &str| Fact::Relation(name.into());
+    let view = |view: &str, base: &str, column: Option<&str>| Fact::ViewReads {
+        view: view.into(),
+        base: base.into(),
+        column: column.map(Into::into),
+    };
+    Catalog::new(
+        7,
+        [
+            relation("public.customers"),
+            relation("public.orders"),
+            relation("public.secrets"),
+            relation("public.customer_names"),
+            relation("public.customer_ids"),
+            relation("public.customer_rows"),
+            relation("public.secret_summary"),
+            relation("public.nested"),
+            relation("public.events"),
+            relation("public.events_2026"),
+            relation("reporting.daily"),
+            relation("pg_catalog.pg_class"),
+            view("public.customer_names", "public.customers", Some("id")),
+            view("public.customer_names", "public.customers", Some("name")),
+            view("public.customer_ids", "public.customers", Some("ssn")),
+            view("public.customer_rows", "public.customers", None),
+            view("public.secret_summary", "public.secrets", None),
+            view("public.nested", "public.secret_summary", None),
+            Fact::Inherits {
+                parent: "public.events".into(),
+                child: "public.events_2026".into(),
+            },
+        ],
+    )
+}
+
+#[test]
+fn the_catalog_makes_views_and_inheritance_count_as_what_they_read() {
+    let catalog = demo_catalog();
+    let analysts = policy(
+        "analysts",
+        r#"
+        allow = ["read", "prepared", "session"]
+        read_only = true
+        deny_read = ["public.secrets", "public.events"]
+        deny_columns = ["public.customers.ssn"]
+        "#,
+    );
+    let mut session = Session {
+        policy: &analysts,
+        search_path: vec!["analyst".into(), "public".into()],
+        catalog: Some(&catalog),
+    };
+    for (sql, expected) in [
+        ("SELECT * FROM customer_names", None),
+        ("SELECT name FROM public.customer_names", None),
+        // The view reads ssn (in its WHERE or its columns): reading it reads ssn.
+        ("SELECT id FROM customer_ids", Some("deny_columns")),
+        ("SELECT 1 FROM customer_rows", Some("deny_columns")),
+        ("SELECT * FROM secret_summary", Some("deny_read")),
+        ("SELECT * FROM nested", Some("deny_read")),
+        // A partition's rows are its parent's.
+        ("SELECT * FROM events_2026", Some("deny_read")),
+        ("SELECT * FROM orders", None),
+    ] {
+        assert_eq!(session.run(sql).as_deref(), expected, "{sql}");
+    }
+    let principal = Principal {
+        user: "alice",
+        role: "analyst",
+        policy: &analysts,
+        search_path: &session.search_path,
+        catalog: Some(&catalog),
+    };
+    match decide(&principal, &Request::Query("SELECT * FROM nested")) {
+        Decision::Deny(denial) => assert_eq!(
+            denial.message,
+            "policy 'analysts' denies reading public.secrets (through view public.secret_summary)"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let (_, effects) = decide_with_effects(&principal, &Request::Query("SELECT * FROM nowhere"));
+    assert!(effects.unknown_relations);
+    let (_, effects) = decide_with_effects(&principal, &Request::Query("SELECT * FROM orders"));
+    assert!(!effects.unknown_relations);
+}
+
+#[test]
+fn with_the_catalog_an_allow_list_applies_to_the_relation_a_name_resolves_to() {
+    let catalog = demo_catalog();
+    let reporting = policy(
+        "reporting",
+        r#"
+        allow = ["read", "session"]
+        allow_read = ["reporting.*", "pg_catalog.*"]
+        "#,
+    );
+    let mut session = Session {
+        policy: &reporting,
+        search_path: vec!["reporting".into(), "public".into()],
+        catalog: Some(&catalog),
+    };
+    for (sql, expected) in [
+        ("SELECT * FROM daily", None),
+        ("SELECT * FROM pg_class", None),
+        // Resolves to public.orders, which exists: not on the list.
+        ("SELECT * FROM orders", Some("allow_read")),
+        // Unknown to the catalog: every schema it could be in must be allowed.
+        ("SELECT * FROM scratch", Some("allow_read")),
+    ] {
+        assert_eq!(session.run(sql).as_deref(), expected, "{sql}");
+    }
+}
+
+#[test]
+fn forms_beyond_sqlparser_that_clients_send_are_recognised_and_decided() {
     check(
-        &policy,
+        &analysts(),
         &[
-            ("SET search_path = hr", None),
-            // The policy cannot know which schema the session's search_path now names first.
-            ("SELECT * FROM salaries", Some("deny_read")),
-            ("SELECT * FROM hr.salaries", Some("deny_read")),
-            ("SELECT * FROM public.salaries", None),
+            ("TABLE public.orders", None),
+            ("TABLE orders *", None),
+            ("TABLE ONLY \"orders\"", None),
+            ("TABLE secrets", Some("deny_read")),
+            ("TABLE public.customers", Some("deny_columns")),
+            ("TABLE orders; SELECT 1", None),
+            ("SELECT 1; TABLE secrets", Some("deny_read")),
+            (
+                "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+                None,
+            ),
+            ("START TRANSACTION READ ONLY NOT DEFERRABLE", None),
+            (
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ DEFERRABLE",
+                None,
+            ),
+            ("BEGIN READ WRITE, DEFERRABLE", Some("read_only")),
+            ("MOVE ABSOLUTE 0 IN c1", None),
+            ("MOVE FORWARD ALL FROM c1", None),
+            ("UNLISTEN *", None),
+            // Anything else that does not parse stays denied.
+            ("MOVE (SELECT 1)", Some("unparsed")),
+            ("TABLE orders WHERE true", Some("unparsed")),
+            ("BEGIN DEFERRABLE; DROP TABLE orders", Some("read_only")),
+            ("BEGIN DEFERRABLE; VACUUM FULL orders (", Some("unparsed")),
         ],
     );
 }

@@ -32,6 +32,7 @@ fn check(sql: &str) {
         role: "r",
         policy: &policy,
         search_path: &search_path,
+        catalog: None,
     };
     let decision = decide(&principal, &Request::Query(sql));
     if analyze(sql).is_err() {

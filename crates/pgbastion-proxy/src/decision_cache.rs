@@ -1,10 +1,11 @@
-//! A bounded cache of policy decisions keyed by the statement's decision key (its tokens, numbers
-//! aside: `pgbastion_policy::decision_key`), so a statement a client repeats — with other
-//! numbers, reconnecting, or from another session — is analysed once. The key also holds
-//! the message kind (a Parse may hold one statement only), the policy and the search_path: the
-//! only other inputs of a decision.
+//! A bounded cache of policy decisions, so a statement a client repeats — with other numbers,
+//! reconnecting, or from another session — is analysed once. Two keys lead to a decision: the
+//! exact text (a hash lookup, for statements repeated verbatim) and, when that misses, the
+//! decision key (its tokens, numbers aside: `pgbastion_policy::decision_key`), which costs a
+//! tokenizer pass. The scope holds every other input of a decision: the message kind (a Parse
+//! may hold one statement only), the policy, the search_path and the catalog snapshot.
 
-use pgbastion_policy::Decision;
+use pgbastion_policy::{Decision, Effects};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -12,65 +13,91 @@ use std::sync::Mutex;
 /// the rest.
 const MAX_CACHED_TEXT: usize = 8 * 1024;
 
+/// Everything besides the statement that a decision depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope<'a> {
+    /// The message tag: b'Q' or b'P'.
+    pub kind: u8,
+    pub policy: &'a str,
+    pub search_path: &'a [String],
+    /// The catalog snapshot's version; 0 without one.
+    pub catalog: u64,
+}
+
+pub type Verdict = (Decision, Effects);
+
+/// Which of the two keys an entry is filed under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyKind {
+    /// The statement's text as sent.
+    Text = 0,
+    /// `pgbastion_policy::decision_key` of the text.
+    Tokens = 1,
+}
+
 #[derive(Debug)]
 pub struct DecisionCache {
-    entries: Mutex<HashMap<String, Vec<Entry>>>,
+    /// Indexed by `KeyKind`.
+    entries: Mutex<[HashMap<String, Vec<Entry>>; 2]>,
     capacity: usize,
 }
 
 #[derive(Debug)]
 struct Entry {
-    /// The message tag: b'Q' or b'P'.
     kind: u8,
     policy: String,
     search_path: Vec<String>,
-    decision: Decision,
+    catalog: u64,
+    verdict: Verdict,
+}
+
+impl Entry {
+    fn matches(&self, scope: &Scope<'_>) -> bool {
+        self.kind == scope.kind
+            && self.catalog == scope.catalog
+            && self.policy == scope.policy
+            && self.search_path == scope.search_path
+    }
 }
 
 impl DecisionCache {
     pub fn new(capacity: usize) -> Self {
         DecisionCache {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new([HashMap::new(), HashMap::new()]),
             capacity,
         }
     }
 
-    pub fn get(
-        &self,
-        kind: u8,
-        policy: &str,
-        search_path: &[String],
-        sql: &str,
-    ) -> Option<Decision> {
+    pub fn get(&self, scope: &Scope<'_>, kind: KeyKind, key: &str) -> Option<Verdict> {
         let entries = self.entries.lock().expect("decision cache lock");
-        entries
-            .get(sql)?
+        entries[kind as usize]
+            .get(key)?
             .iter()
-            .find(|e| e.kind == kind && e.policy == policy && e.search_path == search_path)
-            .map(|e| e.decision.clone())
+            .find(|e| e.matches(scope))
+            .map(|e| e.verdict.clone())
     }
 
-    pub fn insert(
-        &self,
-        kind: u8,
-        policy: &str,
-        search_path: &[String],
-        sql: &str,
-        decision: Decision,
-    ) {
-        if sql.len() > MAX_CACHED_TEXT {
+    pub fn insert(&self, scope: &Scope<'_>, kind: KeyKind, key: &str, verdict: Verdict) {
+        if key.len() > MAX_CACHED_TEXT {
             return;
         }
         let mut entries = self.entries.lock().expect("decision cache lock");
+        let entries = &mut entries[kind as usize];
         if entries.len() >= self.capacity {
             // Bounded without bookkeeping: start over. Hot statements come back at once.
             entries.clear();
         }
-        entries.entry(sql.to_string()).or_default().push(Entry {
-            kind,
-            policy: policy.to_string(),
-            search_path: search_path.to_vec(),
-            decision,
+        let list = entries.entry(key.to_string()).or_default();
+        // Superseded catalog snapshots are never asked for again.
+        list.retain(|e| {
+            !(e.kind == scope.kind && e.policy == scope.policy && e.catalog < scope.catalog)
+        });
+        list.push(Entry {
+            kind: scope.kind,
+            policy: scope.policy.to_string(),
+            search_path: scope.search_path.to_vec(),
+            catalog: scope.catalog,
+            verdict,
         });
     }
 }
@@ -79,35 +106,63 @@ impl DecisionCache {
 mod tests {
     use super::*;
 
+    fn allow() -> Verdict {
+        (Decision::Allow, Effects::default())
+    }
+
     #[test]
-    fn decisions_are_kept_per_policy_and_search_path() {
+    fn decisions_are_kept_per_kind_policy_search_path_and_catalog() {
         let cache = DecisionCache::new(10);
         let path = vec!["public".to_string()];
-        cache.insert(b'Q', "analysts", &path, "SELECT 1", Decision::Allow);
-        assert_eq!(
-            cache.get(b'Q', "analysts", &path, "SELECT 1"),
-            Some(Decision::Allow)
-        );
-        assert_eq!(cache.get(b'P', "analysts", &path, "SELECT 1"), None);
-        assert_eq!(cache.get(b'Q', "engineers", &path, "SELECT 1"), None);
-        assert_eq!(
-            cache.get(b'Q', "analysts", &["app".to_string()], "SELECT 1"),
-            None
-        );
-        assert_eq!(cache.get(b'Q', "analysts", &path, "SELECT 2"), None);
+        let other_path = ["app".to_string()];
+        let scope = Scope {
+            kind: b'Q',
+            policy: "analysts",
+            search_path: &path,
+            catalog: 3,
+        };
+        cache.insert(&scope, KeyKind::Tokens, "SELECT 1", allow());
+        let get = |scope: Scope<'_>, kind, key| cache.get(&scope, kind, key);
+        assert_eq!(get(scope, KeyKind::Tokens, "SELECT 1"), Some(allow()));
+        let others = [
+            Scope {
+                kind: b'P',
+                ..scope
+            },
+            Scope {
+                policy: "engineers",
+                ..scope
+            },
+            Scope {
+                search_path: &other_path,
+                ..scope
+            },
+            Scope {
+                catalog: 4,
+                ..scope
+            },
+        ];
+        for other in others {
+            assert_eq!(get(other, KeyKind::Tokens, "SELECT 1"), None, "{other:?}");
+        }
+        assert_eq!(get(scope, KeyKind::Tokens, "SELECT 2"), None);
+        assert_eq!(get(scope, KeyKind::Text, "SELECT 1"), None);
     }
 
     #[test]
     fn the_cache_stays_within_its_capacity() {
         let cache = DecisionCache::new(3);
         let path = vec!["public".to_string()];
+        let scope = Scope {
+            kind: b'Q',
+            policy: "p",
+            search_path: &path,
+            catalog: 0,
+        };
         for i in 0..10 {
-            cache.insert(b'Q', "p", &path, &format!("SELECT {i}"), Decision::Allow);
+            cache.insert(&scope, KeyKind::Text, &format!("SELECT {i}"), allow());
         }
-        assert!(cache.entries.lock().unwrap().len() <= 3);
-        assert_eq!(
-            cache.get(b'Q', "p", &path, "SELECT 9"),
-            Some(Decision::Allow)
-        );
+        assert!(cache.entries.lock().unwrap()[KeyKind::Text as usize].len() <= 3);
+        assert_eq!(cache.get(&scope, KeyKind::Text, "SELECT 9"), Some(allow()));
     }
 }

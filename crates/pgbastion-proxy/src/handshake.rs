@@ -8,10 +8,10 @@ use crate::reply::Refusal;
 use bytes::BytesMut;
 use pgbastion_wire::accept::{accept, AcceptSettings, FirstContact, StartupMessage, PROTOCOL_3_0};
 use pgbastion_wire::frame::read_message;
-use pgbastion_wire::messages;
 use pgbastion_wire::stream::ClientStream;
-use pgbastion_wire::upstream::{self, Login};
+use pgbastion_wire::upstream::{self, Login, UpstreamError};
 use pgbastion_wire::WireError;
+use pgbastion_wire::{codes, messages};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -133,12 +133,24 @@ async fn handshake(
         parameters.push(("default_transaction_read_only".into(), "on".into()));
     }
     let search_path = options::search_path(&parameters, &grant.role);
-    let Some(password) = settings.role_passwords.get(&grant.role) else {
-        tracing::error!(role = %grant.role, "no credential for mapped role");
+    // Who pgbastion logs in as: the mapped role itself, or in gateway mode the gateway role,
+    // which becomes the mapped role through startup parameters.
+    let login_role = match &settings.gateway {
+        Some(gateway) => {
+            match crate::gateway::session_parameters(&identity, &grant) {
+                Ok(identity_parameters) => parameters.extend(identity_parameters),
+                Err(refusal) => return Err((Some(stream), refusal)),
+            }
+            gateway
+        }
+        None => &grant.role,
+    };
+    let Some(password) = settings.role_passwords.get(login_role) else {
+        tracing::error!(role = %login_role, "no credential for the upstream login role");
         return Err((Some(stream), Refusal::Internal { conn }));
     };
     let login = Login {
-        user: &grant.role,
+        user: login_role,
         password: password.expose(),
         database: &database,
         parameters: &parameters,
@@ -146,14 +158,22 @@ async fn handshake(
     let upstream = match upstream::connect(&settings.upstream, login).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            tracing::warn!(role = %grant.role, error = %error, "upstream login failed");
-            return Err((
-                Some(stream),
-                Refusal::Upstream {
-                    role: grant.role.clone(),
+            tracing::warn!(role = %login_role, error = %error, "upstream login failed");
+            let refusal = match (&settings.gateway, &error) {
+                (Some(gateway), UpstreamError::Refused { sqlstate, .. })
+                    if sqlstate == codes::INSUFFICIENT_PRIVILEGE =>
+                {
+                    Refusal::GatewayRole {
+                        gateway: gateway.clone(),
+                        role: grant.role.clone(),
+                    }
+                }
+                _ => Refusal::Upstream {
+                    role: login_role.to_string(),
                     error,
                 },
-            ));
+            };
+            return Err((Some(stream), refusal));
         }
     };
     tracing::info!(
@@ -166,6 +186,7 @@ async fn handshake(
         tls = stream.tls_version().unwrap_or("none"),
         "session started"
     );
+    let login_role = login_role.to_string();
     let cancel = shared.cancels.register(upstream.pid, upstream.secret);
     let mut out = BytesMut::with_capacity(512);
     messages::auth_ok(&mut out);
@@ -186,6 +207,8 @@ async fn handshake(
         grant,
         policy,
         search_path,
+        database,
+        login_role,
         cancel,
         shared: shared.clone(),
     }))

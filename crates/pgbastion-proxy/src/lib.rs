@@ -7,7 +7,9 @@
 //! and the integration tests.
 
 mod cancel;
+mod catalog;
 mod decision_cache;
+mod gateway;
 mod handshake;
 mod listener;
 mod options;

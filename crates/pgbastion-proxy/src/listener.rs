@@ -1,6 +1,7 @@
 //! The listener: binds, accepts, and gives each connection its task, id and tracing span.
 
 use crate::cancel::CancelRegistry;
+use crate::catalog::Catalogs;
 use crate::decision_cache::DecisionCache;
 use crate::handshake;
 use crate::settings::Settings;
@@ -25,6 +26,7 @@ pub(crate) struct Shared {
     pub mapper: Mapper,
     pub cancels: Arc<CancelRegistry>,
     pub decisions: DecisionCache,
+    pub catalogs: Catalogs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,7 @@ impl Proxy {
                 mapper,
                 cancels: Arc::new(CancelRegistry::default()),
                 decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
+                catalogs: Catalogs::default(),
             }),
         })
     }

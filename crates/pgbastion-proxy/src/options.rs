@@ -2,7 +2,7 @@
 //! A parameter that could change who the session is upstream (role, session_authorization,
 //! replication, ...) is refused, whatever the configuration says.
 
-use pgbastion_config::FORBIDDEN_STARTUP_PARAMETERS;
+use pgbastion_config::{FORBIDDEN_STARTUP_PARAMETERS, RESERVED_SETTING_PREFIX};
 use std::collections::BTreeSet;
 
 /// The parameters to send upstream, or the reason the startup is refused.
@@ -68,7 +68,10 @@ pub fn search_path(parameters: &[(String, String)], role: &str) -> Vec<String> {
 
 fn check(name: &str, allowed: &BTreeSet<String>, what: &str) -> Result<(), String> {
     let lower = name.to_ascii_lowercase();
-    if FORBIDDEN_STARTUP_PARAMETERS.contains(&lower.as_str()) || !allowed.contains(&lower) {
+    if FORBIDDEN_STARTUP_PARAMETERS.contains(&lower.as_str())
+        || lower.starts_with(RESERVED_SETTING_PREFIX)
+        || !allowed.contains(&lower)
+    {
         return Err(format!("{what} \"{name}\" is not allowed by pgbastion"));
     }
     Ok(())

@@ -8,13 +8,16 @@
 //! exactly as a real error would (failed inside a transaction block, until ROLLBACK).
 
 use crate::cancel::CancelKey;
-use crate::decision_cache::DecisionCache;
+use crate::catalog::{DatabaseCatalog, Loader, UNKNOWN_RELATION_REFRESH};
+use crate::decision_cache::{DecisionCache, KeyKind, Scope, Verdict};
 use crate::listener::Shared;
 use crate::reply::Refusal;
 use bytes::{Buf, BytesMut};
 use pgbastion_auth::{Grant, Identity};
 use pgbastion_config::OnTokenExpiry;
-use pgbastion_policy::{decide, decision_key, CompiledPolicy, Decision, Principal, Request};
+use pgbastion_policy::{
+    decide_with_effects, decision_key, Catalog, CompiledPolicy, Decision, Principal, Request,
+};
 use pgbastion_wire::frame::{header, HEADER_LEN};
 use pgbastion_wire::messages::{self, Report, Severity};
 use pgbastion_wire::stream::{ClientStream, UpstreamStream};
@@ -39,6 +42,9 @@ pub(crate) struct Session {
     pub policy: Arc<CompiledPolicy>,
     /// The session's search_path as the policy resolves unqualified names with it.
     pub search_path: Vec<String>,
+    pub database: String,
+    /// The role pgbastion logged in as upstream (the gateway role in gateway mode).
+    pub login_role: String,
     pub cancel: CancelKey,
     pub shared: Arc<Shared>,
 }
@@ -79,6 +85,8 @@ impl Session {
             grant,
             policy,
             search_path,
+            database,
+            login_role,
             cancel,
             shared,
         } = self;
@@ -101,6 +109,22 @@ impl Session {
                 .map(|i| i.leeway)
                 .unwrap_or_default(),
         );
+        let catalog = match (
+            policy.needs_catalog(),
+            shared.settings.role_passwords.get(&login_role),
+        ) {
+            (true, Some(password)) => Some(CatalogAccess {
+                database: shared.catalogs.database(&database),
+                loader: Loader {
+                    target: &shared.settings.upstream,
+                    role: &login_role,
+                    password,
+                    database: &database,
+                },
+                max_age: config.upstream.catalog_refresh,
+            }),
+            _ => None,
+        };
         let ended = {
             let mut to_upstream = ClientToUpstream {
                 decisions: &shared.decisions,
@@ -108,12 +132,11 @@ impl Session {
                 upstream: &mut upstream_write,
                 ledger: &ledger,
                 sentinel: &sentinel,
-                principal: Principal {
-                    user: &identity.user,
-                    role: &grant.role,
-                    policy: &policy,
-                    search_path: &search_path,
-                },
+                user: &identity.user,
+                role: &grant.role,
+                policy: &policy,
+                search_path,
+                catalog,
                 max_statement: config.client.max_statement_bytes,
                 passthrough: 0,
                 skipping: false,
@@ -163,13 +186,26 @@ impl Session {
     }
 }
 
+/// How a session reaches its database's catalog snapshots.
+struct CatalogAccess<'a> {
+    database: Arc<DatabaseCatalog>,
+    loader: Loader<'a>,
+    max_age: std::time::Duration,
+}
+
 struct ClientToUpstream<'a> {
     decisions: &'a DecisionCache,
     client: ReadHalf<ClientStream>,
     upstream: &'a mut WriteHalf<UpstreamStream>,
     ledger: &'a Mutex<Ledger>,
     sentinel: &'a str,
-    principal: Principal<'a>,
+    user: &'a str,
+    role: &'a str,
+    policy: &'a CompiledPolicy,
+    /// Every schema the session's search_path has held (see `Principal::search_path`).
+    search_path: Vec<String>,
+    /// Present when the policy has relation or column rules.
+    catalog: Option<CatalogAccess<'a>>,
     max_statement: usize,
     /// Bytes of a large message still to stream through.
     passthrough: usize,
@@ -251,7 +287,7 @@ impl ClientToUpstream<'_> {
             match tag {
                 b'Q' | b'P' | b'F' => {
                     let body = &buf[ready + HEADER_LEN..ready + total];
-                    match self.decide(tag, body) {
+                    match self.decide(tag, body).await {
                         Ok(()) => {
                             if tag != b'P' {
                                 self.ledger.lock().expect("ledger lock").sent += 1;
@@ -305,7 +341,7 @@ impl ClientToUpstream<'_> {
     }
 
     /// The policy's verdict on a Query, Parse or FunctionCall; Err holds the client's error.
-    fn decide(&self, tag: u8, body: &[u8]) -> Result<(), Report> {
+    async fn decide(&mut self, tag: u8, body: &[u8]) -> Result<(), Report> {
         let request = match tag {
             b'Q' => messages::query_text(body).map(Request::Query),
             b'P' => messages::parse_message(body).map(|p| Request::Parse {
@@ -322,8 +358,40 @@ impl ClientToUpstream<'_> {
             )
             .hint("statements must be valid UTF-8; set client_encoding to UTF8")
         })?;
-        match self.decide_cached(&request) {
-            Decision::Allow => Ok(()),
+        let catalog = match &self.catalog {
+            Some(access) => Some(
+                access
+                    .database
+                    .fresh(&access.loader, access.max_age)
+                    .await
+                    .map_err(catalog_unavailable)?,
+            ),
+            None => None,
+        };
+        let (mut decision, mut effects) = self.decide_cached(&request, catalog.as_deref());
+        if let (true, Some(access), Some(catalog)) =
+            (effects.unknown_relations, &self.catalog, &catalog)
+        {
+            // A relation created since the snapshot: decide again with a newer one.
+            if let Ok(newer) = access
+                .database
+                .fresh(&access.loader, UNKNOWN_RELATION_REFRESH)
+                .await
+            {
+                if newer.version != catalog.version {
+                    (decision, effects) = self.decide_cached(&request, Some(&newer));
+                }
+            }
+        }
+        match decision {
+            Decision::Allow => {
+                for schema in effects.search_path {
+                    if !self.search_path.contains(&schema) {
+                        self.search_path.push(schema);
+                    }
+                }
+                Ok(())
+            }
             Decision::Deny(denial) => {
                 tracing::info!(policy = %denial.policy, rule = %denial.rule, message = %denial.message, "statement denied");
                 let mut report = Report::new(
@@ -340,25 +408,45 @@ impl ClientToUpstream<'_> {
         }
     }
 
-    /// The decision for a SQL request, from the cache when the same statement (up to numeric
-    /// literals, see `decision_key`) was decided before under the same policy and search_path.
-    fn decide_cached(&self, request: &Request<'_>) -> Decision {
+    /// The decision for a request, from the cache when the same statement (up to numeric
+    /// literals, see `decision_key`) was decided before in the same scope.
+    fn decide_cached(&self, request: &Request<'_>, catalog: Option<&Catalog>) -> Verdict {
+        let principal = Principal {
+            user: self.user,
+            role: self.role,
+            policy: self.policy,
+            search_path: &self.search_path,
+            catalog,
+        };
         let (kind, sql) = match request {
             Request::Query(sql) => (b'Q', *sql),
             Request::Parse { query, .. } => (b'P', *query),
-            Request::FunctionCall { .. } => return decide(&self.principal, request),
+            Request::FunctionCall { .. } => return decide_with_effects(&principal, request),
         };
-        let Some(key) = decision_key(sql) else {
-            return decide(&self.principal, request);
+        let scope = Scope {
+            kind,
+            policy: &self.policy.name,
+            search_path: &self.search_path,
+            catalog: catalog.map_or(0, |c| c.version),
         };
-        let (policy, path) = (&self.principal.policy.name, self.principal.search_path);
-        if let Some(decision) = self.decisions.get(kind, policy, path, &key) {
-            return decision;
+        if let Some(verdict) = self.decisions.get(&scope, KeyKind::Text, sql) {
+            return verdict;
         }
-        let decision = decide(&self.principal, request);
+        let Some(key) = decision_key(sql) else {
+            return decide_with_effects(&principal, request);
+        };
+        let verdict = match self.decisions.get(&scope, KeyKind::Tokens, &key) {
+            Some(verdict) => verdict,
+            None => {
+                let verdict = decide_with_effects(&principal, request);
+                self.decisions
+                    .insert(&scope, KeyKind::Tokens, &key, verdict.clone());
+                verdict
+            }
+        };
         self.decisions
-            .insert(kind, policy, path, &key, decision.clone());
-        decision
+            .insert(&scope, KeyKind::Text, sql, verdict.clone());
+        verdict
     }
 
     /// Sends the sentinel in place of the denied message and records the denial. A denied
@@ -586,6 +674,17 @@ impl Expiry {
         }
         expiry
     }
+}
+
+/// Without the catalog a policy with relation rules cannot see through views: fail closed.
+fn catalog_unavailable(error: String) -> Report {
+    tracing::warn!(error = %error, "upstream catalog could not be loaded");
+    Report::new(
+        Severity::Error,
+        codes::INSUFFICIENT_PRIVILEGE,
+        "pgbastion could not read the upstream catalog it needs to decide this statement, so it was not run",
+    )
+    .hint("try again shortly; if it persists, tell the pgbastion operator")
 }
 
 async fn sleep_until(at: Option<Instant>) {

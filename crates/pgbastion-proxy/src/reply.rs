@@ -27,6 +27,16 @@ pub enum Refusal {
         limit: usize,
     },
     TokenExpired,
+    /// Gateway mode: the verified claims do not fit in PostgreSQL's startup packet.
+    ClaimsTooLarge {
+        size: usize,
+        limit: usize,
+    },
+    /// Gateway mode: the upstream refused to let the gateway role become the mapped role.
+    GatewayRole {
+        gateway: String,
+        role: String,
+    },
     /// Something that should not happen; details are only in the log, under the connection id.
     Internal {
         conn: u64,
@@ -104,6 +114,16 @@ impl Refusal {
                 "the access token of this session has expired".into(),
             )
             .hint("reconnect with a fresh access token"),
+            Refusal::ClaimsTooLarge { size, limit } => fatal(
+                codes::PROGRAM_LIMIT_EXCEEDED,
+                format!("the access token's claims ({size} bytes as JSON) are too large to pass to PostgreSQL (limit {limit} bytes)"),
+            )
+            .hint("ask the identity provider's administrator for a token with fewer claims for this audience"),
+            Refusal::GatewayRole { gateway, role } => fatal(
+                codes::CONNECTION_FAILURE,
+                format!("pgbastion's gateway role '{gateway}' may not become role '{role}' upstream"),
+            )
+            .hint(format!("tell the pgbastion operator: GRANT {role} TO {gateway} is missing")),
             Refusal::Internal { conn } => fatal(
                 codes::INTERNAL_ERROR,
                 format!("pgbastion internal error (connection {conn})"),
@@ -125,6 +145,8 @@ impl Refusal {
             Refusal::Upstream { .. } => "upstream",
             Refusal::StatementTooLarge { .. } => "statement_too_large",
             Refusal::TokenExpired => "token_expired",
+            Refusal::ClaimsTooLarge { .. } => "claims_too_large",
+            Refusal::GatewayRole { .. } => "gateway_role",
             Refusal::Internal { .. } => "internal",
         }
     }

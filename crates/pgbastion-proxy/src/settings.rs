@@ -15,6 +15,8 @@ pub struct Settings {
     pub client_tls: Option<Arc<ServerConfig>>,
     pub upstream: UpstreamTarget,
     pub role_passwords: BTreeMap<String, Secret>,
+    /// Gateway mode's login role, when configured.
+    pub gateway: Option<String>,
     /// Lower-cased names of startup parameters a client may pass upstream.
     pub startup_parameters: BTreeSet<String>,
     /// Statement policies by name, ready for deciding.
@@ -77,7 +79,9 @@ impl Settings {
             .iter()
             .map(|(name, policy)| (name.clone(), Arc::new(CompiledPolicy::new(name, policy))))
             .collect();
+        let gateway = config.upstream.gateway.as_ref().map(|g| g.role.clone());
         Ok(Settings {
+            gateway,
             policies,
             config,
             client_tls,

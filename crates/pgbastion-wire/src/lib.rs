@@ -11,6 +11,7 @@ pub mod accept;
 pub mod codes;
 pub mod frame;
 pub mod messages;
+pub mod query;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -57,6 +57,7 @@ fn evaluate(
         role: &grant.role,
         policy: &compiled,
         search_path: &search_path,
+        catalog: None,
     };
     Ok(Outcome {
         decision: decide(&principal, &Request::Query(sql)),
