@@ -51,11 +51,22 @@ pub struct StatementInfo {
     /// search_path values the statement sets (SET, SET SCHEMA, set_config), schemas normalised;
     /// None for a value the analysis cannot read (an expression), which is denied.
     pub search_paths: Vec<Option<Vec<String>>>,
+    /// client_encoding values the statement sets (SET, SET NAMES, set_config); None for a
+    /// value that is not a literal.
+    pub client_encodings: Vec<Option<String>>,
 }
 
 /// Parses `sql` and analyses every statement in it.
 pub fn analyze(sql: &str) -> Result<Vec<StatementInfo>, String> {
-    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+    let parsed = if fallback::has_unicode_identifier(sql) {
+        let tokens = fallback::tokens(sql)?;
+        Parser::new(&PostgreSqlDialect {})
+            .with_tokens(tokens)
+            .parse_statements()
+    } else {
+        Parser::parse_sql(&PostgreSqlDialect {}, sql)
+    };
+    match parsed {
         Ok(statements) => Ok(statements.iter().map(analyze_statement).collect()),
         Err(err) => {
             // A few forms real clients send are beyond sqlparser; see `fallback`.
@@ -92,6 +103,14 @@ pub(crate) fn analyze_statement(statement: &Statement) -> StatementInfo {
         {
             let path = call.second_literal.as_deref().map(path_from_string);
             info.search_paths.push(path);
+        }
+        if set_config
+            && call
+                .first_literal
+                .as_deref()
+                .is_some_and(|s| s.eq_ignore_ascii_case("client_encoding"))
+        {
+            info.client_encodings.push(call.second_literal.clone());
         }
     }
     if info.classes.is_empty() {
@@ -181,6 +200,18 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
         | Statement::ReleaseSavepoint { .. } => Transaction,
         Statement::Set(set) => {
             settings_of(set, &mut info.settings);
+            if info.settings.iter().any(|s| s == "client_encoding") {
+                let value = match set {
+                    Set::SingleAssignment { values, .. } => match values.as_slice() {
+                        [Expr::Identifier(i)] => Some(i.value.clone()),
+                        [other] => literal_string(other),
+                        _ => None,
+                    },
+                    Set::SetNames { charset_name, .. } => Some(charset_name.value.clone()),
+                    _ => None,
+                };
+                info.client_encodings.push(value);
+            }
             if info.settings.iter().any(|s| s == "search_path") {
                 let path = match set {
                     Set::SingleAssignment { values, .. } => path_from_values(values),

@@ -2,7 +2,7 @@
 
 use crate::analyze::{analyze, StatementInfo};
 use crate::catalog::Catalog;
-use crate::functions::{always_guarded, DANGEROUS};
+use crate::functions::{always_guarded, safe_client_encoding, DANGEROUS};
 use crate::names::{glob, Name};
 use pgbastion_config::{Policy, StatementClass};
 use std::collections::{BTreeMap, BTreeSet};
@@ -260,6 +260,18 @@ fn decide_statement(principal: &Principal<'_>, info: &StatementInfo) -> Decision
     for setting in &info.settings {
         if let Some(decision) = guarded(policy, setting) {
             return decision;
+        }
+    }
+    for encoding in &info.client_encodings {
+        if !encoding.as_deref().is_some_and(safe_client_encoding) {
+            return policy.deny(
+                format!(
+                    "setting client_encoding to {}",
+                    encoding.as_deref().unwrap_or("a value that is not a literal")
+                ),
+                "guarded_setting",
+                Some("in this encoding PostgreSQL could read a statement differently from pgbastion; use UTF8".into()),
+            );
         }
     }
     if info.search_paths.iter().any(Option::is_none) {

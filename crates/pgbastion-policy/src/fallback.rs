@@ -5,6 +5,10 @@
 //! few that still fail are matched here. The forms are closed: keywords and numbers only, no
 //! expressions and no names of relations, so nothing they could do escapes the analysis.
 //! Anything else remains unparsed and is denied.
+//!
+//! Also here: Unicode-escaped identifiers (`U&"..."`), which sqlparser reads as an expression
+//! `U & "..."`. Any text holding `&"` is parsed from tokens in which they are decoded first, so
+//! the proxy and PostgreSQL see the same names.
 
 use pgbastion_config::StatementClass;
 use sqlparser::dialect::PostgreSqlDialect;
@@ -19,7 +23,7 @@ use sqlparser::tokenizer::Span;
 /// The analysis of each statement of `sql`, or None when one is neither parsed nor recognised.
 pub fn analyze_pieces(sql: &str) -> Option<Vec<StatementInfo>> {
     let dialect = PostgreSqlDialect {};
-    let tokens = Tokenizer::new(&dialect, sql).tokenize().ok()?;
+    let tokens = tokens(sql).ok()?;
     let mut out = Vec::new();
     for statement in tokens.split(|t| *t == Token::SemiColon) {
         let significant: Vec<&Token> = statement
@@ -38,6 +42,123 @@ pub fn analyze_pieces(sql: &str) -> Option<Vec<StatementInfo>> {
         }
     }
     Some(out)
+}
+
+/// The statement's tokens, with Unicode-escaped identifiers decoded.
+pub fn tokens(sql: &str) -> Result<Vec<Token>, String> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
+        .tokenize()
+        .map_err(|err| err.to_string())?;
+    decode_unicode_identifiers(tokens)
+        .ok_or_else(|| "invalid Unicode escape in a U&\"...\" identifier".to_string())
+}
+
+/// Whether `sql` may hold a Unicode-escaped identifier (`U&"`), which sqlparser would read as
+/// `U & "..."` — an expression — where PostgreSQL reads one identifier.
+pub fn has_unicode_identifier(sql: &str) -> bool {
+    sql.contains("&\"")
+}
+
+/// `U&"d\0061t\+000061"` and `U&"d!0061t" UESCAPE '!'`, which sqlparser reads as `U`, `&`
+/// and a quoted identifier, become the quoted identifier PostgreSQL decodes them to. None when
+/// an escape is malformed (PostgreSQL refuses those too).
+fn decode_unicode_identifiers(tokens: Vec<Token>) -> Option<Vec<Token>> {
+    let mut out: Vec<Token> = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    while i < tokens.len() {
+        let prefix = matches!(&tokens[i], Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("u"))
+            && tokens.get(i + 1) == Some(&Token::Ampersand);
+        let quoted = match tokens.get(i + 2) {
+            Some(Token::Word(w)) if prefix && w.quote_style == Some('"') => Some(w),
+            _ => None,
+        };
+        let Some(word) = quoted else {
+            out.push(tokens[i].clone());
+            i += 1;
+            continue;
+        };
+        i += 3;
+        // An optional UESCAPE 'c' after whitespace.
+        let mut escape = '\\';
+        let mut j = i;
+        while matches!(tokens.get(j), Some(Token::Whitespace(_))) {
+            j += 1;
+        }
+        if matches!(tokens.get(j), Some(Token::Word(w)) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("uescape"))
+        {
+            let mut k = j + 1;
+            while matches!(tokens.get(k), Some(Token::Whitespace(_))) {
+                k += 1;
+            }
+            match tokens.get(k) {
+                Some(Token::SingleQuotedString(c)) if c.chars().count() == 1 => {
+                    escape = c.chars().next()?;
+                    if escape.is_ascii_hexdigit()
+                        || matches!(escape, '+' | '\'' | '"')
+                        || escape.is_whitespace()
+                    {
+                        return None;
+                    }
+                    i = k + 1;
+                }
+                _ => return None,
+            }
+        }
+        let mut decoded = word.clone();
+        decoded.value = decode_unicode_escapes(&word.value, escape)?;
+        decoded.keyword = sqlparser::keywords::Keyword::NoKeyword;
+        out.push(Token::Word(decoded));
+    }
+    Some(out)
+}
+
+/// `\XXXX` (4 hex digits), `\+XXXXXX` (6) and a doubled escape character, with UTF-16
+/// surrogate pairs joined, as PostgreSQL's scanner decodes them.
+fn decode_unicode_escapes(text: &str, escape: char) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let mut pending_high: Option<u32> = None;
+    while let Some(c) = chars.next() {
+        if c != escape {
+            if pending_high.is_some() {
+                return None;
+            }
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&escape) {
+            chars.next();
+            if pending_high.is_some() {
+                return None;
+            }
+            out.push(escape);
+            continue;
+        }
+        let digits = if chars.peek() == Some(&'+') {
+            chars.next();
+            6
+        } else {
+            4
+        };
+        let hex: String = (0..digits).filter_map(|_| chars.next()).collect();
+        if hex.len() != digits || !hex.chars().all(|h| h.is_ascii_hexdigit()) {
+            return None;
+        }
+        let code = u32::from_str_radix(&hex, 16).ok()?;
+        match (pending_high.take(), code) {
+            (None, 0xD800..=0xDBFF) => pending_high = Some(code),
+            (Some(high), 0xDC00..=0xDFFF) => out.push(char::from_u32(
+                0x10000 + ((high - 0xD800) << 10) + (code - 0xDC00),
+            )?),
+            (Some(_), _) => return None,
+            (None, 0) => return None,
+            (None, code) => out.push(char::from_u32(code)?),
+        }
+    }
+    match pending_high {
+        Some(_) => None,
+        None => Some(out),
+    }
 }
 
 /// The upper-cased keyword of an unquoted word, or None for anything else.

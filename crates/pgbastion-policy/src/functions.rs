@@ -72,3 +72,37 @@ pub fn always_guarded(setting: &str) -> bool {
     ) || setting.starts_with("pgbastion.")
         || setting == "unknown"
 }
+
+/// Whether PostgreSQL reads statements in `encoding` (a client_encoding name, any spelling)
+/// the way the proxy reads them as UTF-8. The client-only encodings below have multi-byte
+/// characters whose second byte can be an ASCII quote or backslash, so a statement's string
+/// literals could end where the proxy thinks they do not. Names are compared as PostgreSQL
+/// does: letters and digits only, case-insensitive.
+pub fn safe_client_encoding(encoding: &str) -> bool {
+    let clean: String = encoding
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    !matches!(
+        clean.as_str(),
+        "sjis"
+            | "shiftjis"
+            | "mskanji"
+            | "win932"
+            | "windows932"
+            | "shiftjis2004"
+            | "big5"
+            | "win950"
+            | "windows950"
+            | "gbk"
+            | "win936"
+            | "windows936"
+            | "cp936"
+            | "uhc"
+            | "win949"
+            | "windows949"
+            | "gb18030"
+            | "johab"
+    )
+}

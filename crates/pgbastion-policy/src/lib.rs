@@ -19,4 +19,5 @@ pub use catalog::{Catalog, Fact, Reached};
 pub use decide::{
     decide, decide_with_effects, CompiledPolicy, Decision, Denial, Effects, Principal, Request,
 };
+pub use functions::safe_client_encoding;
 pub use names::Name;

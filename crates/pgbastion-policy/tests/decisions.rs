@@ -677,3 +677,51 @@ fn forms_beyond_sqlparser_that_clients_send_are_recognised_and_decided() {
         ],
     );
 }
+
+#[test]
+fn client_encodings_that_could_be_read_differently_are_refused() {
+    check(
+        &analysts(),
+        &[
+            ("SET client_encoding = 'UTF8'", None),
+            ("SET client_encoding TO latin1", None),
+            ("SET NAMES 'UTF8'", None),
+            ("SET client_encoding = 'SJIS'", Some("guarded_setting")),
+            ("SET client_encoding TO big5", Some("guarded_setting")),
+            ("SET NAMES 'GBK'", Some("guarded_setting")),
+            (
+                "SELECT set_config('client_encoding', 'Shift_JIS', false)",
+                Some("guarded_setting"),
+            ),
+            (
+                "SELECT set_config('client_encoding', current_setting('x'), false)",
+                Some("guarded_setting"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn unicode_escaped_identifiers_are_decoded_as_postgresql_does() {
+    check(
+        &analysts(),
+        &[
+            (r#"SELECT * FROM U&"secr\0065ts""#, Some("deny_read")),
+            (
+                r#"SELECT * FROM public.u&"\+000073ecrets""#,
+                Some("deny_read"),
+            ),
+            (
+                r#"SELECT * FROM U&"secr!0065ts" UESCAPE '!'"#,
+                Some("deny_read"),
+            ),
+            (r#"SELECT U&"\0073sn" FROM customers"#, Some("deny_columns")),
+            (r#"SELECT * FROM U&"orders""#, None),
+            (r#"SELECT * FROM U&"Secrets""#, None),
+            (r#"SELECT 'U&"secrets"' FROM orders"#, None),
+            // Malformed escapes are refused, as PostgreSQL refuses them.
+            (r#"SELECT * FROM U&"secr\00zzts""#, Some("unparsed")),
+            (r#"SELECT * FROM U&"x\D800""#, Some("unparsed")),
+        ],
+    );
+}

@@ -3,6 +3,7 @@
 //! replication, ...) is refused, whatever the configuration says.
 
 use pgbastion_config::{FORBIDDEN_STARTUP_PARAMETERS, RESERVED_SETTING_PREFIX};
+use pgbastion_policy::safe_client_encoding;
 use std::collections::BTreeSet;
 
 /// The parameters to send upstream, or the reason the startup is refused.
@@ -23,6 +24,7 @@ pub fn filter(
             "options" => {
                 for (name, value) in parse_options(value)? {
                     check(&name, allowed, "setting in options")?;
+                    check_value(&name, &value)?;
                     out.push((name, value));
                 }
             }
@@ -30,6 +32,7 @@ pub fn filter(
             name if name.starts_with("_pq_.") => continue,
             _ => {
                 check(name, allowed, "startup parameter")?;
+                check_value(name, value)?;
                 out.push((name.clone(), value.clone()));
             }
         }
@@ -64,6 +67,15 @@ pub fn search_path(parameters: &[(String, String)], role: &str) -> Vec<String> {
         })
         .filter(|schema| !schema.is_empty())
         .collect()
+}
+
+fn check_value(name: &str, value: &str) -> Result<(), String> {
+    if name.eq_ignore_ascii_case("client_encoding") && !safe_client_encoding(value) {
+        return Err(format!(
+            "client_encoding \"{value}\" is not allowed by pgbastion: PostgreSQL could read statements in it differently from the proxy; use UTF8"
+        ));
+    }
+    Ok(())
 }
 
 fn check(name: &str, allowed: &BTreeSet<String>, what: &str) -> Result<(), String> {
@@ -144,6 +156,7 @@ mod tests {
     fn allowed() -> BTreeSet<String> {
         [
             "application_name",
+            "client_encoding",
             "search_path",
             "statement_timeout",
             "datestyle",
@@ -176,6 +189,30 @@ mod tests {
             out,
             params(&[("application_name", "psql"), ("DateStyle", "ISO")])
         );
+    }
+
+    #[test]
+    fn client_encodings_the_proxy_could_misread_are_refused() {
+        for value in [
+            "SJIS",
+            "Shift_JIS",
+            "big5",
+            "GBK",
+            "win-936",
+            "GB18030",
+            "johab",
+        ] {
+            let err = filter(&params(&[("client_encoding", value)]), &allowed()).unwrap_err();
+            assert!(
+                err.starts_with(&format!("client_encoding \"{value}\"")),
+                "{err}"
+            );
+            let options = format!("-c client_encoding={value}");
+            assert!(filter(&params(&[("options", &options)]), &allowed()).is_err());
+        }
+        for value in ["UTF8", "utf-8", "LATIN1", "EUC_JP", "WIN1252", "SQL_ASCII"] {
+            assert!(filter(&params(&[("client_encoding", value)]), &allowed()).is_ok());
+        }
     }
 
     #[test]
