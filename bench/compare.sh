@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Side-by-side pgbench in one run: direct PostgreSQL, PgBouncer (session mode) and pgbastion
-# (TLS verify-full, token authentication, policy decision point on), all in front of the same
-# upstream started by `pgbastion demo`. A second pgbastion without TLS (pgbastion_plain, same
-# config with allow_plaintext on loopback) shows how much of the gap is TLS. Targets are
-# interleaved cell by cell, so ratios within one repetition compare the same stretch of time on
-# a shared machine.
+# Side-by-side pgbench in one run, all in front of the same upstream started by `pgbastion demo`:
+#   direct            PostgreSQL itself
+#   pgbouncer         PgBouncer, session mode, no TLS
+#   pgbouncer_tls     the same PgBouncer configuration with client TLS required
+#   pgbastion         TLS verify-full, token authentication, as carol (policy dbadmins: classes
+#                     only, no relation rules)
+#   pgbastion_policy  the same, as alice (policy analysts: read-only, relation and column rules,
+#                     decided with the upstream catalog)
+#   pgbastion_plain   carol through the same configuration with allow_plaintext on loopback
+# Targets are interleaved cell by cell, so ratios within one repetition compare the same
+# stretch of time on a shared machine.
 #
 # Usage: bench/compare.sh
 # Environment (optional):
@@ -22,6 +27,7 @@ CLIENTS=${CLIENTS:-1 8}
 PROTOCOLS=${PROTOCOLS:-prepared simple}
 SCALE=${SCALE:-10}
 IDLE=${IDLE:-500}
+TARGETS=${TARGETS:-direct pgbouncer pgbouncer_tls pgbastion pgbastion_policy pgbastion_plain}
 
 command -v pgbench >/dev/null || { echo "pgbench not found (apt-get install postgresql-client)" >&2; exit 2; }
 [ -x "$shared/start-pgbouncer.sh" ] || { echo "start-pgbouncer.sh not found in $shared" >&2; exit 2; }
@@ -35,6 +41,7 @@ plain_pid=""
 cleanup() {
     [ -n "$plain_pid" ] && kill "$plain_pid" 2>/dev/null && wait "$plain_pid" 2>/dev/null || true
     [ -n "${pgb_dir:-}" ] && PGB_DIR=$pgb_dir "$shared/start-pgbouncer.sh" stop session >/dev/null 2>&1 || true
+    [ -f "${pgbt_dir:-/nonexistent}/pgbouncer.pid" ] && kill "$(cat "$pgbt_dir/pgbouncer.pid")" 2>/dev/null || true
     [ -n "$demo_pid" ] && kill "$demo_pid" 2>/dev/null && wait "$demo_pid" 2>/dev/null || true
     rm -rf "$work"
 }
@@ -52,6 +59,7 @@ upstream=$(sed -n 's/^upstream: //p' "$work/demo.out")
 up_password=$(echo "$upstream" | sed -E 's|postgresql://[^:]+:([^@]+)@.*|\1|')
 up_port=$(echo "$upstream" | sed -E 's|.*:([0-9]+)/demo$|\1|')
 token_url=$(grep -o 'http://[^ )]*/token/carol' "$work/demo.out" | head -1)
+alice_token_url=${token_url%/carol}/alice
 rootcert=$(grep -o 'sslrootcert=[^"]*' "$work/demo.out" | head -1 | cut -d= -f2)
 
 # The same configuration without TLS, for the diagnostic target.
@@ -65,17 +73,34 @@ sleep 1
 kill -0 "$plain_pid" 2>/dev/null || { echo "the plaintext pgbastion did not start:" >&2; cat "$work/plain.log" >&2; exit 1; }
 
 PGPASSWORD=$up_password pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$up_port" -U demo_owner demo >/dev/null 2>&1
+PGPASSWORD=$up_password psql -q -h 127.0.0.1 -p "$up_port" -U demo_owner demo \
+    -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO analyst" >/dev/null
 
 pgb_port=$(free_port)
 pgb_dir=$work/pgbouncer
 PG_HOST=127.0.0.1 PG_PORT=$up_port BENCH_DB=demo BENCH_USER=demo_owner BENCH_PASSWORD=$up_password \
     PGB_PORT=$pgb_port PGB_DIR=$pgb_dir "$shared/start-pgbouncer.sh" session >/dev/null
 
+# The same PgBouncer configuration, on another port, with client TLS required (the demo's
+# certificate), for a comparison in which both proxies encrypt.
+pgbt_port=$(free_port)
+pgbt_dir=$work/pgbouncer-tls
+cp -a "$pgb_dir" "$pgbt_dir"
+rm -f "$pgbt_dir"/*.pid "$pgbt_dir"/*.log
+cp "$(dirname "$config_path")/server.crt" "$(dirname "$config_path")/server.key" "$pgbt_dir/"
+sed -i -e "s|$pgb_dir|$pgbt_dir|g" -e "s/^listen_port *=.*/listen_port = $pgbt_port/" "$pgbt_dir/pgbouncer.ini"
+printf 'client_tls_sslmode = require\nclient_tls_cert_file = %s\nclient_tls_key_file = %s\n' \
+    "$pgbt_dir/server.crt" "$pgbt_dir/server.key" >>"$pgbt_dir/pgbouncer.ini"
+if [ "$(id -u)" = 0 ]; then chown -R postgres: "$pgbt_dir"; as_pgb() { runuser -u postgres -- "$@"; }; else as_pgb() { "$@"; }; fi
+as_pgb pgbouncer -d -q "$pgbt_dir/pgbouncer.ini" || { cat "$pgbt_dir"/*.log >&2; exit 1; }
+
 # target_env LABEL -> the libpq environment for that target
 target_env() {
     case "$1" in
         direct) echo "PGHOST=127.0.0.1 PGPORT=$up_port PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=disable" ;;
         pgbouncer) echo "PGHOST=127.0.0.1 PGPORT=$pgb_port PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=disable" ;;
+        pgbouncer_tls) echo "PGHOST=127.0.0.1 PGPORT=$pgbt_port PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=require" ;;
+        pgbastion_policy) echo "PGHOST=127.0.0.1 PGPORT=$proxy_port PGUSER=alice PGPASSWORD=$(curl -s "$alice_token_url") PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
         pgbastion_plain) echo "PGHOST=127.0.0.1 PGPORT=$plain_port PGUSER=carol PGPASSWORD=$(curl -s "$token_url") PGSSLMODE=disable" ;;
         pgbastion) echo "PGHOST=127.0.0.1 PGPORT=$proxy_port PGUSER=carol PGPASSWORD=$(curl -s "$token_url") PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
     esac
@@ -101,29 +126,32 @@ echo "label,protocol,clients,rep,tps,median_latency_us" | tee "$work/results.csv
 for rep in $(seq 1 "$REPEAT"); do
     for proto in $PROTOCOLS; do
         for c in $CLIENTS; do
-            order="direct pgbouncer pgbastion pgbastion_plain"
-            [ $((rep % 2)) -eq 0 ] && order="pgbastion_plain pgbastion pgbouncer direct"
+            order=$TARGETS
+            [ $((rep % 2)) -eq 0 ] && order=$(echo "$TARGETS" | tr ' ' '\n' | tac | tr '\n' ' ')
             for label in $order; do run "$label" "$proto" "$c" "$rep" | tee -a "$work/results.csv"; done
         done
     done
 done
 
 echo
-echo "summary (per cell: mean over repetitions of the same-run ratios)"
+echo "summary (per cell: mean over repetitions of same-run TPS ratios; latency added is the median over direct)"
 awk -F, 'NR > 1 && $5 != "FAIL" { tps[$1","$2","$3","$4] = $5; lat[$1","$2","$3","$4] = $6; cells[$2","$3] = 1; reps[$4] = 1 }
+function ratio(a, b, cell,   r, n, sum, k) {
+    n = 0; sum = 0
+    for (r in reps) { k = "," cell "," r; if ((a k) in tps && (b k) in tps) { n++; sum += tps[a k] / tps[b k] } }
+    return n ? sprintf("%.2fx", sum / n) : "-"
+}
+function added(a, cell,   r, n, sum, k) {
+    n = 0; sum = 0
+    for (r in reps) { k = "," cell "," r; if ((a k) in lat && ("direct" k) in lat) { n++; sum += lat[a k] - lat["direct" k] } }
+    return n ? sprintf("%d us", sum / n) : "-"
+}
 END {
-    for (cell in cells) {
-        n = 0; rb = 0; rd = 0; rp = 0; added = 0
-        for (r in reps) {
-            k = "," cell "," r
-            if (("pgbastion" k) in tps && ("pgbouncer" k) in tps && ("direct" k) in tps) {
-                n++; rb += tps["pgbastion" k] / tps["pgbouncer" k]; rd += tps["pgbastion" k] / tps["direct" k]
-                if (("pgbastion_plain" k) in tps) rp += tps["pgbastion_plain" k] / tps["pgbouncer" k]
-                added += lat["pgbastion" k] - lat["direct" k]
-            }
-        }
-        if (n) printf "%-14s pgbastion/pgbouncer %.2fx  pgbastion/direct %.2fx  median latency added %d us  (without TLS: pgbastion/pgbouncer %.2fx)\n", cell, rb / n, rd / n, added / n, rp / n
-    }
+    for (cell in cells)
+        printf "%-12s pgbastion/pgbouncer %s  pgbastion/pgbouncer_tls %s  pgbastion/direct %s  policy on/off %s  plain/pgbouncer %s  pgbouncer_tls/pgbouncer %s  latency added: pgbastion %s, pgbouncer %s\n", cell,
+            ratio("pgbastion", "pgbouncer", cell), ratio("pgbastion", "pgbouncer_tls", cell), ratio("pgbastion", "direct", cell),
+            ratio("pgbastion_policy", "pgbastion", cell), ratio("pgbastion_plain", "pgbouncer", cell), ratio("pgbouncer_tls", "pgbouncer", cell),
+            added("pgbastion", cell), added("pgbouncer", cell)
 }' "$work/results.csv" | sort
 
 if [ "$IDLE" -gt 0 ]; then

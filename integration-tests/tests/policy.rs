@@ -350,3 +350,44 @@ async fn a_search_path_change_is_tracked_so_unqualified_names_stay_decided() {
     let other = h.connect("alice", &h.token("alice")).await.unwrap();
     other.simple_query("SELECT * FROM orders").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_statement_is_decided_again_when_a_view_it_reads_changes() {
+    let h = Harness::start_with(|config| {
+        config.upstream.catalog_refresh = std::time::Duration::from_millis(500);
+    })
+    .await;
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    carol
+        .batch_execute(
+            "CREATE VIEW customer_names AS SELECT id, name FROM customers;
+             GRANT SELECT ON customer_names TO analyst;",
+        )
+        .await
+        .unwrap();
+    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    let statement = alice
+        .prepare("SELECT * FROM customer_names WHERE id = $1")
+        .await
+        .unwrap();
+    assert_eq!(alice.query(&statement, &[&1i32]).await.unwrap().len(), 1);
+    // PostgreSQL re-plans the prepared statement against the view's new definition.
+    carol
+        .batch_execute(
+            "CREATE OR REPLACE VIEW customer_names AS SELECT id, name, ssn FROM customers",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let err = alice.query(&statement, &[&1i32]).await.unwrap_err();
+    assert_eq!(
+        denial(&err),
+        (
+            "42501".into(),
+            "policy 'analysts' denies reading column public.customers.ssn (through view public.customer_names)".into()
+        )
+    );
+    // The session goes on; the statement stays refused.
+    alice.simple_query("SELECT 1").await.unwrap();
+    assert!(alice.query(&statement, &[&1i32]).await.is_err());
+}

@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use pgbastion_config::Policy;
-use pgbastion_policy::{decide, decision_key, CompiledPolicy, Principal, Request};
+use pgbastion_policy::{decide, decision_key, Catalog, CompiledPolicy, Fact, Principal, Request};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::hint::black_box;
@@ -28,15 +28,35 @@ fn analysts() -> CompiledPolicy {
     CompiledPolicy::new("analysts", &policy)
 }
 
+/// A catalog of the size a small application database has: its tables and views, and
+/// PostgreSQL's own relations.
+fn catalog() -> Catalog {
+    let mut facts: Vec<Fact> = ["customers", "orders", "secrets", "customer_names"]
+        .iter()
+        .map(|t| Fact::Relation(format!("public.{t}")))
+        .collect();
+    facts.extend((0..300).map(|i| Fact::Relation(format!("pg_catalog.pg_relation_{i}"))));
+    facts.extend((0..50).map(|i| Fact::Relation(format!("app.table_{i}"))));
+    for column in ["id", "name"] {
+        facts.push(Fact::ViewReads {
+            view: "public.customer_names".into(),
+            base: "public.customers".into(),
+            column: Some(column.into()),
+        });
+    }
+    Catalog::new(1, facts)
+}
+
 fn bench(c: &mut Criterion) {
     let policy = analysts();
+    let catalog = catalog();
     let search_path = vec!["analyst".to_string(), "public".to_string()];
     let principal = Principal {
         user: "alice",
         role: "analyst",
         policy: &policy,
         search_path: &search_path,
-        catalog: None,
+        catalog: Some(&catalog),
     };
     for (name, sql) in [("select_1", SHORT), ("select_200_chars", SELECT_200)] {
         c.bench_function(&format!("{name}/sqlparser_parse"), |b| {
@@ -53,4 +73,15 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn tokenize_only(c: &mut Criterion) {
+    c.bench_function("select_200_chars/tokenize_only", |b| {
+        b.iter(|| {
+            sqlparser::tokenizer::Tokenizer::new(&PostgreSqlDialect {}, black_box(SELECT_200))
+                .tokenize()
+                .unwrap()
+        })
+    });
+}
+criterion_group!(tokens, tokenize_only);
+criterion_main!(benches, tokens);

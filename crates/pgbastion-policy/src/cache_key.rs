@@ -17,6 +17,17 @@ pub fn decision_key(sql: &str) -> Option<String> {
             // Whitespace and comments separate tokens but mean nothing to the parser.
             Token::Whitespace(_) => continue,
             Token::Number(..) => key.push('#'),
+            // The two commonest kinds, written directly (formatting costs more than the
+            // tokenizer here). Lower-case tags: Debug output below starts upper-case.
+            Token::Word(word) => {
+                key.push('w');
+                key.push(word.quote_style.unwrap_or('-'));
+                key.push_str(&word.value);
+            }
+            Token::SingleQuotedString(text) => {
+                key.push('s');
+                key.push_str(text);
+            }
             // Debug names the kind of token and escapes its text: unambiguous.
             other => {
                 let _ = write!(key, "{other:?}");
@@ -51,6 +62,10 @@ mod tests {
             key("SELECT set_config('role', '1', false)")
         );
         assert_ne!(key("SELECT \"T\""), key("SELECT t"));
+        assert_ne!(key("SELECT \"t\""), key("SELECT t"));
+        assert_ne!(key("SELECT 'a'"), key("SELECT a"));
+        assert_ne!(key("SELECT 'a'"), key("SELECT E'a'"));
+        assert_ne!(key("SELECT a b"), key("SELECT ab"));
         assert_ne!(key("SELECT $1"), key("SELECT $2"));
     }
 

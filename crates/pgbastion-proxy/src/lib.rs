@@ -8,7 +8,7 @@
 
 mod cancel;
 mod catalog;
-mod decision_cache;
+pub mod decision_cache;
 mod gateway;
 mod handshake;
 mod listener;

@@ -18,11 +18,11 @@ use pgbastion_config::OnTokenExpiry;
 use pgbastion_policy::{
     decide_with_effects, decision_key, Catalog, CompiledPolicy, Decision, Principal, Request,
 };
-use pgbastion_wire::frame::{header, HEADER_LEN};
+use pgbastion_wire::frame::{header, Fields, HEADER_LEN};
 use pgbastion_wire::messages::{self, Report, Severity};
 use pgbastion_wire::stream::{ClientStream, UpstreamStream};
 use pgbastion_wire::{codes, upstream};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -140,6 +140,8 @@ impl Session {
                 max_statement: config.client.max_statement_bytes,
                 passthrough: 0,
                 skipping: false,
+                decided_with: 0,
+                prepared: HashMap::new(),
             };
             let mut to_client = UpstreamToClient {
                 upstream: upstream_read,
@@ -186,6 +188,12 @@ impl Session {
     }
 }
 
+/// A prepared statement as the policy approved it.
+struct Approved {
+    query: String,
+    catalog: u64,
+}
+
 /// How a session reaches its database's catalog snapshots.
 struct CatalogAccess<'a> {
     database: Arc<DatabaseCatalog>,
@@ -206,6 +214,12 @@ struct ClientToUpstream<'a> {
     search_path: Vec<String>,
     /// Present when the policy has relation or column rules.
     catalog: Option<CatalogAccess<'a>>,
+    /// The catalog snapshot the last decision used (0: none).
+    decided_with: u64,
+    /// With a catalog: the statements the client prepared (Parse), by name, with the snapshot
+    /// they were approved under. A Bind after the snapshot changed re-decides the statement:
+    /// PostgreSQL re-plans it against the current definitions of the views it reads.
+    prepared: HashMap<String, Approved>,
     max_statement: usize,
     /// Bytes of a large message still to stream through.
     passthrough: usize,
@@ -269,7 +283,27 @@ impl ClientToUpstream<'_> {
                     buf.reserve(total - available);
                     break;
                 }
-                // A large Bind or CopyData: stream it.
+                // A large Bind or CopyData: stream it (a Bind once its names are checked).
+                if tag == b'B' && self.catalog.is_some() {
+                    let names = &buf[ready + HEADER_LEN..];
+                    if names.iter().filter(|b| **b == 0).count() < 2 {
+                        if available > 4096 {
+                            return Ok(Some(Ended::Refused(Refusal::Protocol(
+                                "Bind message names are too long".into(),
+                            ))));
+                        }
+                        buf.reserve(4096);
+                        break;
+                    }
+                    if let Err(report) = self.check_bind(names).await {
+                        // Its parameters are still to come: drop them as they arrive.
+                        self.flush_ready(buf, &mut ready).await?;
+                        let sentinel = self.sentinel.to_string();
+                        self.deny(b'P', &sentinel, report).await?;
+                        self.passthrough = total;
+                        continue;
+                    }
+                }
                 if !matches!(tag, b'B' | b'd' | b'E' | b'D' | b'C') {
                     return Ok(Some(Ended::Refused(Refusal::Protocol(format!(
                         "unexpected message type '{}'",
@@ -291,6 +325,14 @@ impl ClientToUpstream<'_> {
                         Ok(()) => {
                             if tag != b'P' {
                                 self.ledger.lock().expect("ledger lock").sent += 1;
+                            } else if self.catalog.is_some() {
+                                if let Ok(parse) = messages::parse_message(body) {
+                                    let approved = Approved {
+                                        query: parse.query.to_string(),
+                                        catalog: self.decided_with,
+                                    };
+                                    self.prepared.insert(parse.statement.to_string(), approved);
+                                }
                             }
                             ready += total;
                         }
@@ -316,6 +358,27 @@ impl ClientToUpstream<'_> {
                     ready += total;
                     self.flush_ready(buf, &mut ready).await?;
                     return Ok(Some(Ended::ClientTerminated));
+                }
+                b'B' if self.catalog.is_some() => {
+                    let body = &buf[ready + HEADER_LEN..ready + total];
+                    match self.check_bind(body).await {
+                        Ok(()) => ready += total,
+                        Err(report) => {
+                            self.flush_ready(buf, &mut ready).await?;
+                            buf.advance(total);
+                            let sentinel = self.sentinel.to_string();
+                            self.deny(b'P', &sentinel, report).await?;
+                        }
+                    }
+                }
+                b'C' if self.catalog.is_some() => {
+                    let body = &buf[ready + HEADER_LEN..ready + total];
+                    if let [b'S', name @ .., 0] = body {
+                        if let Ok(name) = std::str::from_utf8(name) {
+                            self.prepared.remove(name);
+                        }
+                    }
+                    ready += total;
                 }
                 b'B' | b'E' | b'D' | b'C' | b'H' | b'd' | b'c' | b'f' => ready += total,
                 other => {
@@ -368,6 +431,7 @@ impl ClientToUpstream<'_> {
             ),
             None => None,
         };
+        self.decided_with = catalog.as_ref().map_or(0, |c| c.version);
         let (mut decision, mut effects) = self.decide_cached(&request, catalog.as_deref());
         if let (true, Some(access), Some(catalog)) =
             (effects.unknown_relations, &self.catalog, &catalog)
@@ -379,6 +443,7 @@ impl ClientToUpstream<'_> {
                 .await
             {
                 if newer.version != catalog.version {
+                    self.decided_with = newer.version;
                     (decision, effects) = self.decide_cached(&request, Some(&newer));
                 }
             }
@@ -392,19 +457,46 @@ impl ClientToUpstream<'_> {
                 }
                 Ok(())
             }
-            Decision::Deny(denial) => {
-                tracing::info!(policy = %denial.policy, rule = %denial.rule, message = %denial.message, "statement denied");
-                let mut report = Report::new(
-                    Severity::Error,
-                    codes::INSUFFICIENT_PRIVILEGE,
-                    denial.message,
-                )
-                .detail(format!("rule: {}", denial.rule));
-                if let Some(hint) = denial.hint {
-                    report = report.hint(hint);
+            Decision::Deny(denial) => Err(denial_report(denial)),
+        }
+    }
+
+    /// A Bind of a prepared statement approved under an older catalog snapshot: decided again.
+    /// Statements the proxy does not know pass: PostgreSQL refuses a Bind of a statement it
+    /// does not have, and every statement it has was approved here.
+    async fn check_bind(&mut self, body: &[u8]) -> Result<(), Report> {
+        let Some(access) = &self.catalog else {
+            return Ok(());
+        };
+        let mut fields = Fields::new(body);
+        let name = match fields.cstr().and_then(|_portal| fields.cstr()) {
+            Ok(name) => name,
+            Err(_) => return Ok(()), // malformed: the upstream refuses it
+        };
+        let Some(approved) = self.prepared.get(name) else {
+            return Ok(());
+        };
+        let catalog = access
+            .database
+            .fresh(&access.loader, access.max_age)
+            .await
+            .map_err(catalog_unavailable)?;
+        if catalog.version == approved.catalog {
+            return Ok(());
+        }
+        let query = approved.query.clone();
+        let request = Request::Parse {
+            statement: name,
+            query: &query,
+        };
+        match self.decide_cached(&request, Some(&catalog)).0 {
+            Decision::Allow => {
+                if let Some(approved) = self.prepared.get_mut(name) {
+                    approved.catalog = catalog.version;
                 }
-                Err(report)
+                Ok(())
             }
+            Decision::Deny(denial) => Err(denial_report(denial)),
         }
     }
 
@@ -435,15 +527,14 @@ impl ClientToUpstream<'_> {
         let Some(key) = decision_key(sql) else {
             return decide_with_effects(&principal, request);
         };
-        let verdict = match self.decisions.get(&scope, KeyKind::Tokens, &key) {
-            Some(verdict) => verdict,
-            None => {
-                let verdict = decide_with_effects(&principal, request);
-                self.decisions
-                    .insert(&scope, KeyKind::Tokens, &key, verdict.clone());
-                verdict
-            }
-        };
+        if let Some(verdict) = self.decisions.get(&scope, KeyKind::Tokens, &key) {
+            // Seen before with other numbers: its numbers vary, and filing each text would
+            // only churn the exact-text map.
+            return verdict;
+        }
+        let verdict = decide_with_effects(&principal, request);
+        self.decisions
+            .insert(&scope, KeyKind::Tokens, &key, verdict.clone());
         self.decisions
             .insert(&scope, KeyKind::Text, sql, verdict.clone());
         verdict
@@ -674,6 +765,21 @@ impl Expiry {
         }
         expiry
     }
+}
+
+/// The client's ErrorResponse for a denial.
+fn denial_report(denial: pgbastion_policy::Denial) -> Report {
+    tracing::info!(policy = %denial.policy, rule = %denial.rule, message = %denial.message, "statement denied");
+    let mut report = Report::new(
+        Severity::Error,
+        codes::INSUFFICIENT_PRIVILEGE,
+        denial.message,
+    )
+    .detail(format!("rule: {}", denial.rule));
+    if let Some(hint) = denial.hint {
+        report = report.hint(hint);
+    }
+    report
 }
 
 /// Without the catalog a policy with relation rules cannot see through views: fail closed.
