@@ -40,6 +40,10 @@ pub struct StatementInfo {
     pub columns: Vec<Vec<String>>,
     /// `*` (None) and `q.*` (Some(q)) in select lists and as expressions.
     pub wildcards: Vec<Option<String>>,
+    /// Bare names that match a CTE of the statement. Usually they mean the CTE, but a CTE is
+    /// not visible everywhere in the statement (in its own body, in earlier siblings, outside
+    /// its subquery), so deny rules still apply to them; allow lists do not.
+    pub shadowed: BTreeSet<Name>,
     /// Table alias (or bare table name) -> relation, for qualified columns and whole-row references.
     pub aliases: BTreeMap<String, Name>,
     /// Settings the statement changes (SET, RESET, SET ROLE, ...), lower-cased.
@@ -84,8 +88,11 @@ pub(crate) fn analyze_statement(statement: &Statement) -> StatementInfo {
     let mut info = collector.info;
     // A bare name that is a CTE of the statement is not a relation.
     let ctes = collector.ctes;
-    info.reads
-        .retain(|n| n.schema.is_some() || !ctes.contains(&n.name));
+    let (shadowed, reads): (BTreeSet<Name>, BTreeSet<Name>) = std::mem::take(&mut info.reads)
+        .into_iter()
+        .partition(|n| n.schema.is_none() && ctes.contains(&n.name));
+    info.reads = reads;
+    info.shadowed = shadowed;
     // Class of the top-level statement (nested DML was classed while visiting).
     top_level(statement, &mut info);
     for call in &info.calls {
@@ -125,14 +132,21 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
     let class = match statement {
         Statement::Query(_) => Read,
         Statement::Explain {
-            analyze, options, ..
+            analyze,
+            options,
+            statement,
+            ..
         } => {
+            // PostgreSQL's grammar accepts the British spelling too.
             let analyze = *analyze
                 || options
                     .iter()
                     .flatten()
-                    .any(|o| ident(&o.name) == "analyze");
-            if !analyze {
+                    .any(|o| matches!(ident(&o.name).as_str(), "analyze" | "analyse"));
+            if analyze {
+                // The statement runs: it is everything it would be on its own.
+                top_level(statement, info);
+            } else {
                 // Without ANALYZE nothing runs: what the inner statement would do is not done.
                 info.classes.clear();
                 info.writes.clear();
@@ -171,9 +185,14 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
                     info.writes.extend(table);
                     Write
                 }
-                // Server-side files and programs: the server's filesystem and shell.
+                // Server-side files and programs: the server's filesystem and shell. COPY FROM
+                // STDOUT means the client too, as FROM STDIN does.
                 _ => {
-                    info.reads.extend(table);
+                    if *to {
+                        info.reads.extend(table);
+                    } else {
+                        info.writes.extend(table);
+                    }
                     Admin
                 }
             }
@@ -237,7 +256,16 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
         | Statement::Execute { .. }
         | Statement::Deallocate { .. }
         | Statement::Declare { .. } => Prepared,
-        Statement::Call(_) => Procedural,
+        Statement::Call(function) => {
+            if let Some(name) = Name::from_object(&function.name) {
+                let args = match &function.args {
+                    FunctionArguments::List(list) => list.args.as_slice(),
+                    _ => &[],
+                };
+                info.calls.push(call(name, args));
+            }
+            Procedural
+        }
         Statement::Grant(_)
         | Statement::Revoke(_)
         | Statement::GrantRole(_)
@@ -259,8 +287,13 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
                 .next()
                 .unwrap_or("")
                 .to_ascii_uppercase();
-            match first.as_str() {
-                "CREATE" | "ALTER" | "DROP" | "COMMENT" | "REFRESH" => Ddl,
+            let upper = text.to_ascii_uppercase();
+            let words: Vec<&str> = upper.split_whitespace().take(3).collect();
+            match (first.as_str(), words.get(1).copied(), words.get(2).copied()) {
+                // Privileges and roles by other names.
+                ("ALTER", Some("DEFAULT"), Some("PRIVILEGES")) => Dcl,
+                ("CREATE" | "ALTER" | "DROP", Some("GROUP" | "ROLE" | "USER"), _) => Dcl,
+                ("CREATE" | "ALTER" | "DROP" | "COMMENT" | "REFRESH", _, _) => Ddl,
                 _ => Admin,
             }
         }
@@ -273,7 +306,8 @@ fn setting_name(name: &sqlparser::ast::ObjectName) -> String {
         .0
         .iter()
         .map(|part| match part {
-            sqlparser::ast::ObjectNamePart::Identifier(i) => ident(i),
+            // PostgreSQL matches setting names case-insensitively, quoted or not.
+            sqlparser::ast::ObjectNamePart::Identifier(i) => i.value.to_ascii_lowercase(),
             sqlparser::ast::ObjectNamePart::Function(_) => String::new(),
         })
         .collect::<Vec<_>>()
@@ -378,6 +412,7 @@ impl Visitor for Collector {
             }
         }
         self.select_items(&query.body);
+        self.table_commands(&query.body);
         ControlFlow::Continue(())
     }
 
@@ -460,6 +495,10 @@ impl Visitor for Collector {
                         if let Some(alias) = &insert.table_alias {
                             self.info.aliases.insert(ident(&alias.alias), name.clone());
                         }
+                        // RETURNING and ON CONFLICT DO UPDATE read the table's rows.
+                        if insert.returning.is_some() || insert.on.is_some() {
+                            self.info.reads.insert(name.clone());
+                        }
                         self.info.writes.insert(name);
                     }
                 }
@@ -498,8 +537,31 @@ impl Collector {
     fn write_target(&mut self, factor: &TableFactor) {
         if let TableFactor::Table { name, .. } = factor {
             if let Some(name) = Name::from_object(name) {
+                self.info.reads.insert(name.clone());
                 self.info.writes.insert(name);
             }
+        }
+    }
+
+    /// `TABLE x` inside a query (a subquery, a CTE, a UNION branch): `SELECT * FROM x`.
+    fn table_commands(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::Table(table) => {
+                if let Some(name) = &table.table_name {
+                    let name = Name {
+                        schema: table.schema_name.as_ref().map(ident),
+                        name: ident(name),
+                    };
+                    self.info.wildcards.push(None);
+                    self.info.aliases.insert(name.name.clone(), name.clone());
+                    self.info.reads.insert(name);
+                }
+            }
+            SetExpr::SetOperation { left, right, .. } => {
+                self.table_commands(left);
+                self.table_commands(right);
+            }
+            _ => {}
         }
     }
 

@@ -287,12 +287,30 @@ fn decide_statement(principal: &Principal<'_>, info: &StatementInfo) -> Decision
         }
     }
     for name in &info.writes {
-        if let Some(decision) = check_relation(principal, name, Access::Write) {
+        // UPDATE pg_settings is SET by another name.
+        if name
+            .candidates(principal.search_path)
+            .iter()
+            .any(|c| c == "pg_catalog.pg_settings")
+        {
+            return policy.deny(
+                "changing settings through pg_settings",
+                "guarded_setting",
+                Some("use SET; guarded settings cannot be changed at all".into()),
+            );
+        }
+        if let Some(decision) = check_relation(principal, name, Access::Write, true) {
             return decision;
         }
     }
     for name in &info.reads {
-        if let Some(decision) = check_relation(principal, name, Access::Read) {
+        if let Some(decision) = check_relation(principal, name, Access::Read, true) {
+            return decision;
+        }
+    }
+    // A name that may be a CTE may also be the relation: deny rules apply, allow lists do not.
+    for name in &info.shadowed {
+        if let Some(decision) = check_relation(principal, name, Access::Read, false) {
             return decision;
         }
     }
@@ -376,7 +394,12 @@ enum Access {
     Write,
 }
 
-fn check_relation(principal: &Principal<'_>, name: &Name, access: Access) -> Option<Decision> {
+fn check_relation(
+    principal: &Principal<'_>,
+    name: &Name,
+    access: Access,
+    allow_lists: bool,
+) -> Option<Decision> {
     let policy = principal.policy;
     let candidates = name.candidates(principal.search_path);
     let (deny, allow, verb, deny_rule, allow_rule) = match access {
@@ -420,7 +443,7 @@ fn check_relation(principal: &Principal<'_>, name: &Name, access: Access) -> Opt
             }
         }
     }
-    if allow.is_empty() {
+    if allow.is_empty() || !allow_lists {
         return None;
     }
     let allowed = |relation: &str| allow.iter().any(|p| glob(p, relation));
@@ -467,7 +490,7 @@ fn check_columns(principal: &Principal<'_>, info: &StatementInfo) -> Option<Deci
     );
     // Tables read by the statement that have denied columns: (name, table key, columns).
     let mut sensitive: Vec<(&Name, String, &BTreeSet<String>)> = Vec::new();
-    for name in info.reads.iter().chain(info.writes.iter()) {
+    for name in info.reads.iter().chain(&info.writes).chain(&info.shadowed) {
         for candidate in name.candidates(principal.search_path) {
             if let Some((key, columns)) = policy.deny_columns.get_key_value(&candidate) {
                 sensitive.push((name, key.clone(), columns));

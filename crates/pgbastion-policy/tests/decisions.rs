@@ -725,3 +725,52 @@ fn unicode_escaped_identifiers_are_decoded_as_postgresql_does() {
         ],
     );
 }
+
+#[test]
+fn what_the_analyser_corpus_found_is_denied() {
+    check(
+        &analysts(),
+        &[
+            // A CTE is not visible everywhere its name appears: deny rules apply to the name.
+            (
+                "WITH secrets AS (SELECT * FROM secrets) SELECT * FROM secrets",
+                Some("deny_read"),
+            ),
+            (
+                "WITH a AS (SELECT * FROM secrets), secrets AS (SELECT 1) SELECT * FROM a",
+                Some("deny_read"),
+            ),
+            ("WITH x AS (SELECT 1) SELECT * FROM x", None),
+            // TABLE nested in a query.
+            ("SELECT * FROM (TABLE secrets) x", Some("deny_read")),
+            ("SELECT 1 UNION TABLE secrets", Some("deny_read")),
+            ("COPY (TABLE secrets) TO STDOUT", Some("deny_read")),
+            // EXPLAIN with the British spelling runs the statement.
+            (
+                "EXPLAIN (ANALYSE) DELETE FROM orders WHERE id = 1",
+                Some("read_only"),
+            ),
+            // Setting names are case-insensitive, quoted or not.
+            ("SET \"Role\" = 'postgres'", Some("guarded_setting")),
+            ("SET \"Pgbastion.Claims\" = '{}'", Some("guarded_setting")),
+            (
+                "SET \"Standard_Conforming_Strings\" TO off",
+                Some("guarded_setting"),
+            ),
+        ],
+    );
+    check(
+        &engineers(),
+        &[
+            (
+                "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+                Some("guarded_setting"),
+            ),
+            ("COPY orders FROM '/tmp/x'", Some("class:admin")),
+            (
+                "INSERT INTO audit.log VALUES (1) ON CONFLICT DO NOTHING",
+                Some("deny_write"),
+            ),
+        ],
+    );
+}
