@@ -48,7 +48,7 @@ pub struct StatementInfo {
     pub aliases: BTreeMap<String, Name>,
     /// Settings the statement changes (SET, RESET, SET ROLE, ...), lower-cased.
     pub settings: Vec<String>,
-    /// "UPDATE" or "DELETE" when it has no WHERE clause referencing a column.
+    /// "UPDATE", "DELETE" or "MERGE" when it has no WHERE (ON, for MERGE) referencing a column.
     pub unfiltered: Option<&'static str>,
     /// BEGIN or SET TRANSACTION asking for READ WRITE.
     pub read_write: bool,
@@ -200,6 +200,7 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
         Statement::CreateTable(create) => {
             if create.query.is_some() {
                 info.classes.insert(Write);
+                info.writes.extend(Name::from_object(&create.name));
             }
             Ddl
         }
@@ -417,10 +418,29 @@ impl Visitor for Collector {
     }
 
     fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
-        if select.into.is_some() {
+        if let Some(into) = &select.into {
             // SELECT INTO creates a table from the result.
             self.info.classes.insert(StatementClass::Ddl);
             self.info.classes.insert(StatementClass::Write);
+            for target in &into.targets {
+                let parts: Vec<String> = match target {
+                    Expr::Identifier(i) => vec![ident(i)],
+                    Expr::CompoundIdentifier(parts) => parts.iter().map(ident).collect(),
+                    _ => continue,
+                };
+                let name = match parts.as_slice() {
+                    [name] => Name {
+                        schema: None,
+                        name: name.clone(),
+                    },
+                    [.., schema, name] => Name {
+                        schema: Some(schema.clone()),
+                        name: name.clone(),
+                    },
+                    [] => continue,
+                };
+                self.info.writes.insert(name);
+            }
         }
         ControlFlow::Continue(())
     }
@@ -473,6 +493,12 @@ impl Visitor for Collector {
                 .push(Name::from_object(name).map(|n| n.name)),
             Expr::Function(function) => {
                 if let Some(name) = Name::from_object(&function.name) {
+                    // NOTIFY by another name.
+                    if name.name == "pg_notify"
+                        && name.schema.as_deref().is_none_or(|s| s == "pg_catalog")
+                    {
+                        self.info.classes.insert(StatementClass::Listen);
+                    }
                     let args = match &function.args {
                         FunctionArguments::List(list) => list.args.as_slice(),
                         _ => &[],
@@ -525,6 +551,10 @@ impl Visitor for Collector {
             Statement::Merge(merge) => {
                 self.info.classes.insert(StatementClass::Write);
                 self.write_target(&merge.table);
+                // ON true matches every row: as unfiltered as an UPDATE without WHERE.
+                if !filters(Some(&merge.on)) {
+                    self.info.unfiltered = Some("MERGE");
+                }
             }
             _ => {}
         }

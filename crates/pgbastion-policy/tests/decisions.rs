@@ -774,3 +774,40 @@ fn what_the_analyser_corpus_found_is_denied() {
         ],
     );
 }
+
+#[test]
+fn merge_without_a_real_condition_notify_by_function_and_created_tables_are_decided() {
+    check(
+        &engineers(),
+        &[
+            (
+                "MERGE INTO orders o USING orders s ON true WHEN MATCHED THEN DELETE",
+                Some("require_where"),
+            ),
+            (
+                "MERGE INTO orders o USING items s ON s.id = o.id WHEN MATCHED THEN DELETE",
+                None,
+            ),
+            ("SELECT pg_notify('ch', 'x')", None),
+        ],
+    );
+    check(
+        &analysts(),
+        &[("SELECT pg_notify('ch', 'x')", Some("class:listen"))],
+    );
+    let writer = policy(
+        "writer",
+        r#"
+        allow = ["read", "write", "ddl"]
+        deny_write = ["audit.*"]
+        "#,
+    );
+    check(
+        &writer,
+        &[
+            ("CREATE TABLE audit.copy AS SELECT 1", Some("deny_write")),
+            ("SELECT 1 INTO audit.copy", Some("deny_write")),
+            ("CREATE TABLE public.copy AS SELECT 1", None),
+        ],
+    );
+}
