@@ -252,9 +252,10 @@ async fn views_and_inheritance_are_decided_by_what_they_read_in_the_upstream_cat
              CREATE VIEW customer_contacts AS SELECT id, name FROM customers WHERE ssn IS NOT NULL;
              CREATE VIEW secret_view AS SELECT * FROM secrets;
              CREATE VIEW nested_view AS SELECT count(*) AS n FROM secret_view;
+             CREATE VIEW customer_docs AS SELECT c.id, to_jsonb(c) AS doc FROM customers c;
              CREATE TABLE secrets_archive () INHERITS (secrets);
              GRANT SELECT ON customer_names, customer_contacts, secret_view, nested_view,
-                 secrets_archive TO analyst;",
+                 secrets_archive, customer_docs TO analyst;",
         )
         .await
         .unwrap();
@@ -275,6 +276,11 @@ async fn views_and_inheritance_are_decided_by_what_they_read_in_the_upstream_cat
         (
             "SELECT * FROM secrets_archive",
             "policy 'analysts' denies reading public.secrets (through child table public.secrets_archive)",
+        ),
+        (
+            // A whole-row reference records no column dependency upstream.
+            "SELECT doc FROM customer_docs",
+            "policy 'analysts' denies reading column public.customers.ssn (through view public.customer_docs)",
         ),
         (
             "SELECT id FROM customer_contacts",

@@ -62,6 +62,11 @@ pub struct StatementInfo {
 
 /// Parses `sql` and analyses every statement in it.
 pub fn analyze(sql: &str) -> Result<Vec<StatementInfo>, String> {
+    if digit_dollar_tag(sql) {
+        // `$1abc$`: a dollar-quote tag to sqlparser, a parameter `$1` with an alias to
+        // PostgreSQL 14 and older, which then run what the proxy took for a string.
+        return Err("a dollar-quote tag may not start with a digit".into());
+    }
     let parsed = if fallback::has_unicode_identifier(sql) {
         let tokens = fallback::tokens(sql)?;
         Parser::new(&PostgreSqlDialect {})
@@ -124,6 +129,19 @@ pub(crate) fn analyze_statement(statement: &Statement) -> StatementInfo {
         info.classes.insert(StatementClass::Admin);
     }
     info
+}
+
+/// Whether the text holds `$`, a digit, letters/digits/underscores and `$`.
+fn digit_dollar_tag(sql: &str) -> bool {
+    let bytes = sql.as_bytes();
+    bytes.windows(2).enumerate().any(|(i, w)| {
+        w[0] == b'$'
+            && w[1].is_ascii_digit()
+            && bytes[i + 1..]
+                .iter()
+                .find(|b| !(b.is_ascii_alphanumeric() || **b == b'_'))
+                == Some(&b'$')
+    })
 }
 
 /// Classes that depend on the statement as a whole rather than on its parts.

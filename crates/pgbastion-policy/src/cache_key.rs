@@ -12,10 +12,19 @@ use std::fmt::Write;
 pub fn decision_key(sql: &str) -> Option<String> {
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
     let mut key = String::with_capacity(sql.len() + 16);
+    let mut after_space = false;
     for token in &tokens {
         match token {
-            // Whitespace and comments separate tokens but mean nothing to the parser.
-            Token::Whitespace(_) => continue,
+            // Whitespace and comments: how much does not matter, whether there is any does
+            // (`U&"x"` is one identifier, `U &"x"` an expression).
+            Token::Whitespace(_) => {
+                // Before the first token and after the last, whitespace separates nothing.
+                if !after_space && !key.is_empty() {
+                    key.push_str(" \0");
+                    after_space = true;
+                }
+                continue;
+            }
             Token::Number(..) => key.push('#'),
             // The two commonest kinds, written directly (formatting costs more than the
             // tokenizer here). Lower-case tags: Debug output below starts upper-case.
@@ -35,6 +44,10 @@ pub fn decision_key(sql: &str) -> Option<String> {
         }
         // NUL cannot occur in a statement's text (messages carry C strings).
         key.push('\0');
+        after_space = false;
+    }
+    if key.ends_with(" \0") {
+        key.truncate(key.len() - 2);
     }
     Some(key)
 }
@@ -66,6 +79,8 @@ mod tests {
         assert_ne!(key("SELECT 'a'"), key("SELECT a"));
         assert_ne!(key("SELECT 'a'"), key("SELECT E'a'"));
         assert_ne!(key("SELECT a b"), key("SELECT ab"));
+        assert_ne!(key("SELECT U&\"x\""), key("SELECT U &\"x\""));
+        assert_eq!(key("SELECT  a /* c */ b"), key("SELECT a b"));
         assert_ne!(key("SELECT $1"), key("SELECT $2"));
     }
 

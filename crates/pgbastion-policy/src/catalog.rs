@@ -94,6 +94,20 @@ SELECT DISTINCT 'v', vn.nspname::text, v.relname::text, bn.nspname::text, b.reln
        AND d.refobjsubid > 0
  WHERE v.relkind IN ('v', 'm') AND vn.nspname NOT IN ('pg_catalog', 'information_schema')
 UNION ALL
+-- A whole-row reference (to_jsonb(c), SELECT c) records no column dependency: such a view
+-- reads every column of every relation it depends on.
+SELECT DISTINCT 'v', vn.nspname::text, v.relname::text, bn.nspname::text, b.relname::text, NULL::text
+  FROM pg_catalog.pg_rewrite r
+  JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
+  JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace
+  JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+       AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND d.refobjid <> v.oid
+  JOIN pg_catalog.pg_class b ON b.oid = d.refobjid
+  JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace
+ WHERE v.relkind IN ('v', 'm') AND vn.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND r.ev_action::text LIKE '%:varattno 0 %'
+UNION ALL
 SELECT 'i', pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text, NULL::text
   FROM pg_catalog.pg_inherits i
   JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
@@ -145,10 +159,15 @@ SELECT 'i', pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text
     /// ancestors, whose rows a child's are. Cycles cannot occur in PostgreSQL's catalog, and
     /// are cut here anyway.
     pub fn reaches(&self, relation: &str) -> Vec<Reached> {
-        let mut out: Vec<Reached> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::from([relation.to_string()]);
-        let mut queue: Vec<(String, Direction)> = vec![(relation.to_string(), Direction::Any)];
-        while let Some((current, direction)) = queue.pop() {
+        let mut walk = Walk {
+            origin: relation,
+            out: Vec::new(),
+            // A relation is expanded once per direction it is reached in: reached upward
+            // first (from a child) it must still be expanded downward if a view reaches it.
+            seen: HashSet::from([(relation.to_string(), Direction::Any)]),
+            queue: vec![(relation.to_string(), Direction::Any)],
+        };
+        while let Some((current, direction)) = walk.queue.pop() {
             if let (Direction::Any, Some(reads)) = (direction, self.views.get(&current)) {
                 let mut by_base: HashMap<&str, Columns> = HashMap::new();
                 for (base, column) in reads {
@@ -165,81 +184,62 @@ SELECT 'i', pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text
                 let mut by_base: Vec<(&str, Columns)> = by_base.into_iter().collect();
                 by_base.sort();
                 for (base, columns) in by_base {
-                    let via = format!("view {current}");
-                    reach(
-                        &mut out,
-                        &mut seen,
-                        &mut queue,
-                        base,
-                        via,
-                        columns,
-                        Direction::Any,
-                    );
+                    walk.reach(base, format!("view {current}"), columns, Direction::Any);
                 }
             }
             // Down the tree from a parent, up it from a child, never sideways to siblings.
             if direction != Direction::Up {
                 for child in self.children.get(&current).into_iter().flatten() {
                     let via = format!("parent table {current}");
-                    reach(
-                        &mut out,
-                        &mut seen,
-                        &mut queue,
-                        child,
-                        via,
-                        None,
-                        Direction::Down,
-                    );
+                    walk.reach(child, via, None, Direction::Down);
                 }
             }
             if direction != Direction::Down {
                 for parent in self.parents.get(&current).into_iter().flatten() {
                     let via = format!("child table {current}");
-                    reach(
-                        &mut out,
-                        &mut seen,
-                        &mut queue,
-                        parent,
-                        via,
-                        None,
-                        Direction::Up,
-                    );
+                    walk.reach(parent, via, None, Direction::Up);
                 }
             }
         }
-        out
+        walk.out
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Direction {
     Any,
     Up,
     Down,
 }
 
-fn reach(
-    out: &mut Vec<Reached>,
-    seen: &mut HashSet<String>,
-    queue: &mut Vec<(String, Direction)>,
-    relation: &str,
-    via: String,
-    columns: Columns,
-    direction: Direction,
-) {
-    if seen.insert(relation.to_string()) {
-        queue.push((relation.to_string(), direction));
-        out.push(Reached {
-            relation: relation.to_string(),
-            by_view: via.starts_with("view "),
-            via,
-            columns,
-        });
-    } else if let Some(earlier) = out.iter_mut().find(|r| r.relation == relation) {
-        // Reached again by another path: it is read through the union of both.
-        match (&mut earlier.columns, columns) {
-            (Some(all), Some(more)) => all.extend(more),
-            (all, _) => *all = None,
+/// The state of one `reaches` traversal.
+struct Walk<'a> {
+    origin: &'a str,
+    out: Vec<Reached>,
+    seen: HashSet<(String, Direction)>,
+    queue: Vec<(String, Direction)>,
+}
+
+impl Walk<'_> {
+    fn reach(&mut self, relation: &str, via: String, columns: Columns, direction: Direction) {
+        let expanded = self.seen.contains(&(relation.to_string(), Direction::Any))
+            || !self.seen.insert((relation.to_string(), direction));
+        if !expanded {
+            self.queue.push((relation.to_string(), direction));
+        }
+        if let Some(earlier) = self.out.iter_mut().find(|r| r.relation == relation) {
+            // Reached again by another path: it is read through the union of both.
+            match (&mut earlier.columns, columns) {
+                (Some(all), Some(more)) => all.extend(more),
+                (all, _) => *all = None,
+            }
+        } else if relation != self.origin {
+            self.out.push(Reached {
+                relation: relation.to_string(),
+                by_view: via.starts_with("view "),
+                via,
+                columns,
+            });
         }
     }
 }
@@ -292,6 +292,42 @@ mod tests {
             Some(BTreeSet::from(["id".to_string(), "name".to_string()]))
         );
         assert_eq!(catalog().reaches("public.rows")[0].columns, None);
+    }
+
+    #[test]
+    fn a_parent_reached_from_a_child_first_is_still_expanded_downward_from_a_view() {
+        let view = |base: &str| Fact::ViewReads {
+            view: "public.v".into(),
+            base: base.into(),
+            column: None,
+        };
+        let inherits = |child: &str| Fact::Inherits {
+            parent: "public.p".into(),
+            child: child.into(),
+        };
+        let catalog = Catalog::new(
+            1,
+            [
+                view("public.z_child"),
+                view("public.a_view"),
+                Fact::ViewReads {
+                    view: "public.a_view".into(),
+                    base: "public.p".into(),
+                    column: None,
+                },
+                inherits("public.z_child"),
+                inherits("public.p_2025"),
+            ],
+        );
+        let reached: Vec<String> = catalog
+            .reaches("public.v")
+            .into_iter()
+            .map(|r| r.relation)
+            .collect();
+        assert!(
+            reached.contains(&"public.p_2025".to_string()),
+            "{reached:?}"
+        );
     }
 
     #[test]

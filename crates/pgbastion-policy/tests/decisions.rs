@@ -789,6 +789,12 @@ fn merge_without_a_real_condition_notify_by_function_and_created_tables_are_deci
                 None,
             ),
             ("SELECT pg_notify('ch', 'x')", None),
+            // PostgreSQL 14 reads `$1abc$` as a parameter with an alias.
+            (
+                "SELECT $1abc$, (SELECT ssn FROM customers) s, $1abc$",
+                Some("unparsed"),
+            ),
+            ("SELECT $tag$x$tag$, $1", None),
         ],
     );
     check(

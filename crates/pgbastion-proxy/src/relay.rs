@@ -331,7 +331,12 @@ impl ClientToUpstream<'_> {
                                         query: parse.query.to_string(),
                                         catalog: self.decided_with,
                                     };
-                                    self.prepared.insert(parse.statement.to_string(), approved);
+                                    let name = statement_name(parse.statement);
+                                    // A second Parse of a named statement fails upstream
+                                    // (42P05): the first one stays.
+                                    if name.is_empty() || !self.prepared.contains_key(name) {
+                                        self.prepared.insert(name.to_string(), approved);
+                                    }
                                 }
                             }
                             ready += total;
@@ -375,7 +380,7 @@ impl ClientToUpstream<'_> {
                     let body = &buf[ready + HEADER_LEN..ready + total];
                     if let [b'S', name @ .., 0] = body {
                         if let Ok(name) = std::str::from_utf8(name) {
-                            self.prepared.remove(name);
+                            self.prepared.remove(statement_name(name));
                         }
                     }
                     ready += total;
@@ -451,6 +456,10 @@ impl ClientToUpstream<'_> {
         match decision {
             Decision::Allow => {
                 for schema in effects.search_path {
+                    let schema = match schema.as_str() {
+                        "$user" => self.role.to_string(),
+                        _ => schema,
+                    };
                     if !self.search_path.contains(&schema) {
                         self.search_path.push(schema);
                     }
@@ -473,8 +482,16 @@ impl ClientToUpstream<'_> {
             Ok(name) => name,
             Err(_) => return Ok(()), // malformed: the upstream refuses it
         };
+        let name = statement_name(name);
         let Some(approved) = self.prepared.get(name) else {
-            return Ok(());
+            // Every statement the proxy let through is in the map, unless its Close was
+            // skipped upstream after an error: refuse rather than run it unchecked.
+            return Err(Report::new(
+                Severity::Error,
+                codes::INSUFFICIENT_PRIVILEGE,
+                format!("pgbastion does not know prepared statement \"{name}\", so it was not run"),
+            )
+            .hint("prepare the statement again"));
         };
         let catalog = access
             .database
@@ -765,6 +782,15 @@ impl Expiry {
         }
         expiry
     }
+}
+
+/// A statement name as PostgreSQL keys it: its first 63 bytes (NAMEDATALEN - 1).
+fn statement_name(name: &str) -> &str {
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// The client's ErrorResponse for a denial.
