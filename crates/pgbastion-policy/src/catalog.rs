@@ -81,7 +81,10 @@ SELECT 'r', n.nspname::text, c.relname::text, NULL::text, NULL::text, NULL::text
  WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
    AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
 UNION ALL
-SELECT DISTINCT 'v', vn.nspname::text, v.relname::text, bn.nspname::text, b.relname::text, a.attname::text
+-- A whole-row reference (to_jsonb(c), SELECT c) records no column dependency: such a view
+-- reads every column of every relation it depends on (NULL column).
+SELECT DISTINCT 'v', vn.nspname::text, v.relname::text, bn.nspname::text, b.relname::text,
+       CASE WHEN r.ev_action::text LIKE '%:varattno 0 %' THEN NULL ELSE a.attname::text END
   FROM pg_catalog.pg_rewrite r
   JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
   JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace
@@ -93,20 +96,6 @@ SELECT DISTINCT 'v', vn.nspname::text, v.relname::text, bn.nspname::text, b.reln
   LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = b.oid AND a.attnum = d.refobjsubid
        AND d.refobjsubid > 0
  WHERE v.relkind IN ('v', 'm') AND vn.nspname NOT IN ('pg_catalog', 'information_schema')
-UNION ALL
--- A whole-row reference (to_jsonb(c), SELECT c) records no column dependency: such a view
--- reads every column of every relation it depends on.
-SELECT DISTINCT 'v', vn.nspname::text, v.relname::text, bn.nspname::text, b.relname::text, NULL::text
-  FROM pg_catalog.pg_rewrite r
-  JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
-  JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace
-  JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
-       AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-       AND d.refobjid <> v.oid
-  JOIN pg_catalog.pg_class b ON b.oid = d.refobjid
-  JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace
- WHERE v.relkind IN ('v', 'm') AND vn.nspname NOT IN ('pg_catalog', 'information_schema')
-   AND r.ev_action::text LIKE '%:varattno 0 %'
 UNION ALL
 SELECT 'i', pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text, NULL::text
   FROM pg_catalog.pg_inherits i
