@@ -2,7 +2,7 @@
 //! words, nothing denied reaches PostgreSQL, the session continues, transaction state is
 //! PostgreSQL's own, and pipelined extended-protocol traffic stays in order.
 
-use integration_tests::Harness;
+use integration_tests::{text_rows, Harness};
 use tokio_postgres::SimpleQueryMessage;
 
 fn denial(err: &tokio_postgres::Error) -> (String, String) {
@@ -396,4 +396,84 @@ async fn a_prepared_statement_is_decided_again_when_a_view_it_reads_changes() {
     // The session goes on; the statement stays refused.
     alice.simple_query("SELECT 1").await.unwrap();
     assert!(alice.query(&statement, &[&1i32]).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_path_default_from_alter_role_counts_from_the_start() {
+    let h = Harness::start_with(|config| {
+        let analysts = config.policies.get_mut("analysts").unwrap();
+        analysts.deny_read.push("vault.*".into());
+    })
+    .await;
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    carol
+        .batch_execute(
+            "CREATE SCHEMA vault; CREATE TABLE vault.orders (secret text);
+             GRANT USAGE ON SCHEMA vault TO analyst; GRANT SELECT ON vault.orders TO analyst;",
+        )
+        .await
+        .unwrap();
+    // Set by a superuser outside the proxy: every new analyst session starts with it.
+    h.cluster
+        .psql("demo", "ALTER ROLE analyst SET search_path = vault, public")
+        .unwrap();
+    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    let err = alice
+        .simple_query("SELECT * FROM orders")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denial(&err).1,
+        "policy 'analysts' denies reading vault.orders"
+    );
+    alice
+        .simple_query("SELECT * FROM public.orders")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sql_prepared_statement_is_decided_again_when_a_view_it_reads_changes() {
+    let h = Harness::start_with(|config| {
+        config.upstream.catalog_refresh = std::time::Duration::from_millis(500);
+    })
+    .await;
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    carol
+        .batch_execute(
+            "CREATE VIEW customer_names AS SELECT id, name FROM customers;
+             GRANT SELECT ON customer_names TO analyst;",
+        )
+        .await
+        .unwrap();
+    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    alice
+        .simple_query("PREPARE names AS SELECT * FROM customer_names")
+        .await
+        .unwrap();
+    assert!(!text_rows(&alice, "EXECUTE names").await.is_empty());
+    carol
+        .batch_execute(
+            "CREATE OR REPLACE VIEW customer_names AS SELECT id, name, ssn FROM customers",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    for execute in ["EXECUTE names", "SELECT 1; EXECUTE names"] {
+        let err = alice.simple_query(execute).await.unwrap_err();
+        assert_eq!(
+            denial(&err).1,
+            "policy 'analysts' denies reading column public.customers.ssn (through view public.customer_names)",
+            "{execute}"
+        );
+    }
+    // Through the extended protocol too: prepared names are one namespace upstream.
+    let err = alice.query("EXECUTE names", &[]).await.unwrap_err();
+    assert_eq!(denial(&err).0, "42501");
+    // Prepared again, it is decided as new.
+    alice
+        .simple_query("DEALLOCATE names; PREPARE names AS SELECT id, name FROM customers")
+        .await
+        .unwrap();
+    assert!(!text_rows(&alice, "EXECUTE names").await.is_empty());
 }

@@ -1,7 +1,7 @@
 //! The first bytes on the wire: TLS negotiation, plaintext refusal, injected plaintext,
 //! GSSENC then SSL, direct SSL, protocol negotiation and startup parameters.
 
-use integration_tests::raw::read_message;
+use integration_tests::raw::{message, read_message};
 use integration_tests::{client_tls, Harness};
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,4 +204,96 @@ async fn replication_connections_are_refused() {
         field(&body, b'M'),
         "replication connections are not allowed through pgbastion"
     );
+}
+
+/// An authenticated raw session of `user`, read up to its first ReadyForQuery.
+async fn raw_session(h: &Harness, user: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut tcp = TcpStream::connect(h.proxy).await.unwrap();
+    tcp.write_all(&SSL_REQUEST).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    let mut tls = tls_connect(h, tcp, false).await.unwrap();
+    tls.write_all(&startup(0, &[("user", user), ("database", "demo")]))
+        .await
+        .unwrap();
+    assert_eq!(read_message(&mut tls).await.0, b'R');
+    let mut token = h.token(user).into_bytes();
+    token.push(0);
+    tls.write_all(&message(b'p', &token)).await.unwrap();
+    while read_message(&mut tls).await.0 != b'Z' {}
+    tls
+}
+
+/// The tags of the messages up to ReadyForQuery, and the SQLSTATEs of the errors among them.
+async fn replies(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> (String, Vec<String>) {
+    let (mut tags, mut codes) = (String::new(), Vec::new());
+    loop {
+        let (tag, body) = read_message(tls).await;
+        tags.push(tag as char);
+        if tag == b'E' {
+            codes.push(field(&body, b'C'));
+        }
+        if tag == b'Z' {
+            return (tags, codes);
+        }
+    }
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    message(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+}
+
+fn bind_execute(name: &str) -> Vec<u8> {
+    let mut out = message(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
+    out.extend(message(b'E', b"\0\0\0\0\0"));
+    out
+}
+
+fn bind_execute_sync(name: &str) -> Vec<u8> {
+    let mut out = bind_execute(name);
+    out.extend(message(b'S', b""));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binds_run_only_statements_the_upstream_holds_as_approved() {
+    let h = Harness::start().await;
+    let mut tls = raw_session(&h, "alice").await;
+    let sync = message(b'S', b"");
+    // s1 prepared; a second Parse of s1 fails upstream (42P05) and must not replace it.
+    let mut out = parse("s1", "SELECT 1");
+    out.extend(&sync);
+    out.extend(parse("s1", "SELECT 2"));
+    out.extend(&sync);
+    out.extend(bind_execute_sync("s1"));
+    tls.write_all(&out).await.unwrap();
+    assert_eq!(replies(&mut tls).await, ("1Z".into(), vec![]));
+    assert_eq!(replies(&mut tls).await, ("EZ".into(), vec!["42P05".into()]));
+    assert_eq!(replies(&mut tls).await, ("2DCZ".into(), vec![]));
+    // Closed, s1 is gone for the proxy too; never prepared, s2 was never there.
+    let mut out = message(b'C', b"Ss1\0");
+    out.extend(&sync);
+    out.extend(bind_execute_sync("s1"));
+    out.extend(bind_execute_sync("s2"));
+    tls.write_all(&out).await.unwrap();
+    assert_eq!(replies(&mut tls).await, ("3Z".into(), vec![]));
+    for _ in 0..2 {
+        let (tags, codes) = replies(&mut tls).await;
+        assert_eq!((tags.as_str(), codes), ("EZ", vec!["26000".to_string()]));
+    }
+    // A Close skipped after an error leaves the statement usable.
+    let mut out = parse("s3", "SELECT 3");
+    out.extend(&sync);
+    out.extend(parse("", "SELECT 1/0"));
+    out.extend(bind_execute(""));
+    out.extend(message(b'C', b"Ss3\0"));
+    out.extend(&sync);
+    out.extend(bind_execute_sync("s3"));
+    tls.write_all(&out).await.unwrap();
+    assert_eq!(replies(&mut tls).await, ("1Z".into(), vec![]));
+    assert_eq!(
+        replies(&mut tls).await,
+        ("1EZ".into(), vec!["22012".into()])
+    );
+    assert_eq!(replies(&mut tls).await, ("2DCZ".into(), vec![]));
 }

@@ -58,6 +58,12 @@ pub struct StatementInfo {
     /// client_encoding values the statement sets (SET, SET NAMES, set_config); None for a
     /// value that is not a literal.
     pub client_encodings: Vec<Option<String>>,
+    /// Prepared statements the statement creates (PREPARE name), names normalised.
+    pub prepares: Vec<String>,
+    /// Prepared statements it runs (EXECUTE name).
+    pub executes: Vec<String>,
+    /// Prepared statements it removes (DEALLOCATE name); None: DEALLOCATE ALL.
+    pub deallocates: Vec<Option<String>>,
 }
 
 /// Parses `sql` and analyses every statement in it.
@@ -271,10 +277,22 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
         // UNLISTEN only stops notifications: clients reset sessions with it.
         Statement::UNLISTEN { .. } => Session,
         Statement::LISTEN { .. } | Statement::NOTIFY { .. } => Listen,
-        Statement::Prepare { .. }
-        | Statement::Execute { .. }
-        | Statement::Deallocate { .. }
-        | Statement::Declare { .. } => Prepared,
+        Statement::Prepare { name, .. } => {
+            info.prepares.push(ident(name));
+            Prepared
+        }
+        Statement::Execute { name, .. } => {
+            if let Some(name) = name.as_ref().and_then(Name::from_object) {
+                info.executes.push(name.name);
+            }
+            Prepared
+        }
+        Statement::Deallocate { name, .. } => {
+            let all = name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all");
+            info.deallocates.push((!all).then(|| ident(name)));
+            Prepared
+        }
+        Statement::Declare { .. } => Prepared,
         Statement::Call(function) => {
             if let Some(name) = Name::from_object(&function.name) {
                 let args = match &function.args {

@@ -20,6 +20,9 @@ pub enum Fact {
     },
     /// `child` inherits from, or is a partition of, `parent`.
     Inherits { parent: String, child: String },
+    /// ALTER ROLE/DATABASE ... SET search_path for this database: sessions of `role` (None:
+    /// every role) start with `path`.
+    DefaultPath { role: Option<String>, path: String },
 }
 
 impl Fact {
@@ -41,6 +44,10 @@ impl Fact {
             "i" => Some(Fact::Inherits {
                 parent: qualified(a, b)?,
                 child: qualified(c, d)?,
+            }),
+            "s" => Some(Fact::DefaultPath {
+                role: a.clone(),
+                path: column.clone()?,
             }),
             _ => None,
         }
@@ -70,6 +77,8 @@ pub struct Catalog {
     views: HashMap<String, Vec<(String, Option<String>)>>,
     children: HashMap<String, Vec<String>>,
     parents: HashMap<String, Vec<String>>,
+    /// Schemas of search_path defaults (ALTER ROLE/DATABASE ... SET), by role (None: all).
+    default_paths: Vec<(Option<String>, Vec<String>)>,
 }
 
 impl Catalog {
@@ -103,7 +112,16 @@ SELECT 'i', pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text
   JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
   JOIN pg_catalog.pg_class p ON p.oid = i.inhparent
   JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
- WHERE c.relkind IN ('r', 'p', 'f')";
+ WHERE c.relkind IN ('r', 'p', 'f')
+UNION ALL
+-- search_path defaults set with ALTER ROLE/DATABASE: a session starts with them.
+SELECT 's', r.rolname::text, NULL::text, NULL::text, NULL::text, pg_catalog.substr(c.setting, 13)
+  FROM pg_catalog.pg_db_role_setting s
+  LEFT JOIN pg_catalog.pg_roles r ON r.oid = s.setrole
+  CROSS JOIN LATERAL pg_catalog.unnest(s.setconfig) AS c(setting)
+ WHERE s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database
+                              WHERE datname = pg_catalog.current_database()))
+   AND pg_catalog.lower(c.setting) LIKE 'search\\_path=%'";
 
     pub fn new(version: u64, facts: impl IntoIterator<Item = Fact>) -> Catalog {
         let mut catalog = Catalog {
@@ -126,9 +144,24 @@ SELECT 'i', pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text
                         .push(child.clone());
                     catalog.parents.entry(child).or_default().push(parent);
                 }
+                Fact::DefaultPath { role, path } => {
+                    let schemas = crate::analyze::path_from_string(&path);
+                    catalog.default_paths.push((role, schemas));
+                }
             }
         }
         catalog
+    }
+
+    /// Schemas a session of `role` may start with in its search_path (`$user` as written).
+    pub fn default_search_path<'a>(
+        &'a self,
+        role: &'a str,
+    ) -> impl Iterator<Item = &'a String> + 'a {
+        self.default_paths
+            .iter()
+            .filter(move |(r, _)| r.as_deref().is_none_or(|r| r == role))
+            .flat_map(|(_, schemas)| schemas)
     }
 
     pub fn contains(&self, relation: &str) -> bool {

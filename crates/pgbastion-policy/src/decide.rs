@@ -30,6 +30,18 @@ pub struct Effects {
     pub search_path: Vec<String>,
     /// A relation named was not in the catalog: a newer catalog may know it.
     pub unknown_relations: bool,
+    /// SQL-level prepared statements created, run and removed, in statement order: the
+    /// proxy keeps a book of what each name holds.
+    pub prepared: Vec<PreparedOp>,
+}
+
+/// A statement's use of a prepared statement, by normalised name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreparedOp {
+    Prepare(String),
+    Execute(String),
+    /// None: DEALLOCATE ALL.
+    Deallocate(Option<String>),
 }
 
 /// What the client asks the upstream to do.
@@ -208,6 +220,16 @@ fn decide_request(
                 }
             }
         }
+        let ops = (statement.prepares.iter().cloned().map(PreparedOp::Prepare))
+            .chain(statement.executes.iter().cloned().map(PreparedOp::Execute))
+            .chain(
+                statement
+                    .deallocates
+                    .iter()
+                    .cloned()
+                    .map(PreparedOp::Deallocate),
+            );
+        effects.prepared.extend(ops);
         if let Some(catalog) = principal.catalog {
             effects.unknown_relations |=
                 statement.reads.iter().chain(&statement.writes).any(|name| {

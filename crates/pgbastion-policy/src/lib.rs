@@ -17,7 +17,8 @@ pub use analyze::{analyze, Call, StatementInfo};
 pub use cache_key::decision_key;
 pub use catalog::{Catalog, Fact, Reached};
 pub use decide::{
-    decide, decide_with_effects, CompiledPolicy, Decision, Denial, Effects, Principal, Request,
+    decide, decide_with_effects, CompiledPolicy, Decision, Denial, Effects, PreparedOp, Principal,
+    Request,
 };
 pub use functions::safe_client_encoding;
 pub use names::Name;

@@ -13,6 +13,7 @@ mod gateway;
 mod handshake;
 mod listener;
 mod options;
+mod prepared;
 mod relay;
 mod reply;
 mod settings;

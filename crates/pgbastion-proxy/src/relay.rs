@@ -11,18 +11,20 @@ use crate::cancel::CancelKey;
 use crate::catalog::{DatabaseCatalog, Loader, UNKNOWN_RELATION_REFRESH};
 use crate::decision_cache::{DecisionCache, KeyKind, Scope, Verdict};
 use crate::listener::Shared;
+use crate::prepared::{Approved, Book};
 use crate::reply::Refusal;
 use bytes::{Buf, BytesMut};
 use pgbastion_auth::{Grant, Identity};
 use pgbastion_config::OnTokenExpiry;
 use pgbastion_policy::{
-    decide_with_effects, decision_key, Catalog, CompiledPolicy, Decision, Principal, Request,
+    decide_with_effects, decision_key, Catalog, CompiledPolicy, Decision, PreparedOp, Principal,
+    Request,
 };
 use pgbastion_wire::frame::{header, Fields, HEADER_LEN};
 use pgbastion_wire::messages::{self, Report, Severity};
 use pgbastion_wire::stream::{ClientStream, UpstreamStream};
 use pgbastion_wire::{codes, upstream};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -73,6 +75,8 @@ struct Ledger {
     sent: u64,
     /// ReadyForQuery messages received.
     ready: u64,
+    /// The prepared statements, kept up to date by both directions.
+    book: Book,
 }
 
 impl Session {
@@ -141,7 +145,8 @@ impl Session {
                 passthrough: 0,
                 skipping: false,
                 decided_with: 0,
-                prepared: HashMap::new(),
+                login_role: &login_role,
+                defaults_from: 0,
             };
             let mut to_client = UpstreamToClient {
                 upstream: upstream_read,
@@ -188,12 +193,6 @@ impl Session {
     }
 }
 
-/// A prepared statement as the policy approved it.
-struct Approved {
-    query: String,
-    catalog: u64,
-}
-
 /// How a session reaches its database's catalog snapshots.
 struct CatalogAccess<'a> {
     database: Arc<DatabaseCatalog>,
@@ -216,10 +215,10 @@ struct ClientToUpstream<'a> {
     catalog: Option<CatalogAccess<'a>>,
     /// The catalog snapshot the last decision used (0: none).
     decided_with: u64,
-    /// With a catalog: the statements the client prepared (Parse), by name, with the snapshot
-    /// they were approved under. A Bind after the snapshot changed re-decides the statement:
-    /// PostgreSQL re-plans it against the current definitions of the views it reads.
-    prepared: HashMap<String, Approved>,
+    login_role: &'a str,
+    /// The catalog snapshot whose search_path defaults (ALTER ROLE/DATABASE ... SET) were
+    /// last added to `search_path`.
+    defaults_from: u64,
     max_statement: usize,
     /// Bytes of a large message still to stream through.
     passthrough: usize,
@@ -284,7 +283,7 @@ impl ClientToUpstream<'_> {
                     break;
                 }
                 // A large Bind or CopyData: stream it (a Bind once its names are checked).
-                if tag == b'B' && self.catalog.is_some() {
+                if tag == b'B' {
                     let names = &buf[ready + HEADER_LEN..];
                     if names.iter().filter(|b| **b == 0).count() < 2 {
                         if available > 4096 {
@@ -325,19 +324,6 @@ impl ClientToUpstream<'_> {
                         Ok(()) => {
                             if tag != b'P' {
                                 self.ledger.lock().expect("ledger lock").sent += 1;
-                            } else if self.catalog.is_some() {
-                                if let Ok(parse) = messages::parse_message(body) {
-                                    let approved = Approved {
-                                        query: parse.query.to_string(),
-                                        catalog: self.decided_with,
-                                    };
-                                    let name = statement_name(parse.statement);
-                                    // A second Parse of a named statement fails upstream
-                                    // (42P05): the first one stays.
-                                    if name.is_empty() || !self.prepared.contains_key(name) {
-                                        self.prepared.insert(name.to_string(), approved);
-                                    }
-                                }
                             }
                             ready += total;
                         }
@@ -364,7 +350,7 @@ impl ClientToUpstream<'_> {
                     self.flush_ready(buf, &mut ready).await?;
                     return Ok(Some(Ended::ClientTerminated));
                 }
-                b'B' if self.catalog.is_some() => {
+                b'B' => {
                     let body = &buf[ready + HEADER_LEN..ready + total];
                     match self.check_bind(body).await {
                         Ok(()) => ready += total,
@@ -376,16 +362,17 @@ impl ClientToUpstream<'_> {
                         }
                     }
                 }
-                b'C' if self.catalog.is_some() => {
+                b'C' => {
                     let body = &buf[ready + HEADER_LEN..ready + total];
-                    if let [b'S', name @ .., 0] = body {
-                        if let Ok(name) = std::str::from_utf8(name) {
-                            self.prepared.remove(statement_name(name));
-                        }
+                    if let [kind, name @ .., 0] = body {
+                        let name = String::from_utf8_lossy(name);
+                        let mut ledger = self.ledger.lock().expect("ledger lock");
+                        let group = ledger.sent;
+                        ledger.book.close_sent(group, *kind, statement_name(&name));
                     }
                     ready += total;
                 }
-                b'B' | b'E' | b'D' | b'C' | b'H' | b'd' | b'c' | b'f' => ready += total,
+                b'E' | b'D' | b'H' | b'd' | b'c' | b'f' => ready += total,
                 other => {
                     return Ok(Some(Ended::Refused(Refusal::Protocol(format!(
                         "unexpected message type '{}'",
@@ -426,7 +413,7 @@ impl ClientToUpstream<'_> {
             )
             .hint("statements must be valid UTF-8; set client_encoding to UTF8")
         })?;
-        let catalog = match &self.catalog {
+        let mut catalog = match &self.catalog {
             Some(access) => Some(
                 access
                     .database
@@ -436,9 +423,9 @@ impl ClientToUpstream<'_> {
             ),
             None => None,
         };
-        self.decided_with = catalog.as_ref().map_or(0, |c| c.version);
+        self.adopt_default_search_path(catalog.as_deref());
         let (mut decision, mut effects) = self.decide_cached(&request, catalog.as_deref());
-        if let (true, Some(access), Some(catalog)) =
+        if let (true, Some(access), Some(current)) =
             (effects.unknown_relations, &self.catalog, &catalog)
         {
             // A relation created since the snapshot: decide again with a newer one.
@@ -447,74 +434,183 @@ impl ClientToUpstream<'_> {
                 .fresh(&access.loader, UNKNOWN_RELATION_REFRESH)
                 .await
             {
-                if newer.version != catalog.version {
-                    self.decided_with = newer.version;
+                if newer.version != current.version {
+                    self.adopt_default_search_path(Some(&newer));
                     (decision, effects) = self.decide_cached(&request, Some(&newer));
+                    catalog = Some(newer);
                 }
             }
         }
-        match decision {
-            Decision::Allow => {
-                for schema in effects.search_path {
-                    let schema = match schema.as_str() {
-                        "$user" => self.role.to_string(),
-                        _ => schema,
-                    };
-                    if !self.search_path.contains(&schema) {
-                        self.search_path.push(schema);
-                    }
-                }
-                Ok(())
-            }
-            Decision::Deny(denial) => Err(denial_report(denial)),
+        self.decided_with = catalog.as_ref().map_or(0, |c| c.version);
+        if let Decision::Deny(denial) = decision {
+            return Err(denial_report(denial));
+        }
+        for schema in effects.search_path {
+            self.widen_search_path(schema);
+        }
+        self.check_executes(&effects.prepared, catalog.as_deref())?;
+        self.record(&request, &effects.prepared)
+    }
+
+    fn widen_search_path(&mut self, schema: String) {
+        let schema = match schema.as_str() {
+            "$user" => self.role.to_string(),
+            _ => schema,
+        };
+        if !self.search_path.contains(&schema) {
+            self.search_path.push(schema);
         }
     }
 
-    /// A Bind of a prepared statement approved under an older catalog snapshot: decided again.
-    /// Statements the proxy does not know pass: PostgreSQL refuses a Bind of a statement it
-    /// does not have, and every statement it has was approved here.
-    async fn check_bind(&mut self, body: &[u8]) -> Result<(), Report> {
-        let Some(access) = &self.catalog else {
+    /// The search_path a session starts with can come from ALTER ROLE/DATABASE ... SET, which
+    /// the catalog reads: its schemas count from the start.
+    fn adopt_default_search_path(&mut self, catalog: Option<&Catalog>) {
+        let Some(catalog) = catalog else { return };
+        if catalog.version == self.defaults_from {
+            return;
+        }
+        self.defaults_from = catalog.version;
+        let schemas: Vec<String> = catalog
+            .default_search_path(self.login_role)
+            .cloned()
+            .collect();
+        for schema in schemas {
+            self.widen_search_path(schema);
+        }
+    }
+
+    /// Enters an allowed request's prepared statements into the book as it is forwarded.
+    fn record(&mut self, request: &Request<'_>, ops: &[PreparedOp]) -> Result<(), Report> {
+        let version = self.decided_with;
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        let group = ledger.sent;
+        let book = &mut ledger.book;
+        let recorded = match request {
+            Request::Parse { statement, query } => {
+                let name = statement_name(statement);
+                book.parse_sent(group, name, Approved::new(b'P', query, version))
+                    .map_err(|()| name.to_string())
+                    .and_then(|()| {
+                        // PREPARE sent as a Parse runs at Execute, if ever: a possibility only.
+                        ops.iter().try_for_each(|op| match op {
+                            PreparedOp::Prepare(name) => book
+                                .possible(name, Approved::new(b'P', query, version))
+                                .map_err(|()| name.clone()),
+                            _ => Ok(()),
+                        })
+                    })
+            }
+            Request::Query(sql) => ops.iter().try_for_each(|op| match op {
+                PreparedOp::Prepare(name) => book
+                    .prepare_sent(group, name, Approved::new(b'Q', sql, version))
+                    .map_err(|()| name.clone()),
+                PreparedOp::Deallocate(name) => {
+                    book.deallocate_sent(group, name.as_deref());
+                    Ok(())
+                }
+                PreparedOp::Execute(_) => Ok(()),
+            }),
+            Request::FunctionCall { .. } => Ok(()),
+        };
+        recorded.map_err(|name| {
+            Report::new(
+                Severity::Error,
+                codes::DUPLICATE_PREPARED_STATEMENT,
+                format!("prepared statement \"{name}\" already exists"),
+            )
+            .hint("close (DEALLOCATE) the statement before preparing it again")
+        })
+    }
+
+    /// EXECUTE of a statement prepared under an older catalog snapshot: its candidates are
+    /// decided again, as PostgreSQL plans them again.
+    fn check_executes(
+        &mut self,
+        ops: &[PreparedOp],
+        catalog: Option<&Catalog>,
+    ) -> Result<(), Report> {
+        let Some(catalog) = catalog else {
             return Ok(());
         };
+        for op in ops {
+            if let PreparedOp::Execute(name) = op {
+                self.redecide(name, catalog)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides again every statement `name` may hold that was approved under another snapshot.
+    fn redecide(&mut self, name: &str, catalog: &Catalog) -> Result<(), Report> {
+        let stale: Vec<(u8, Arc<str>)> = {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            ledger
+                .book
+                .candidates(name)
+                .iter()
+                .filter(|a| a.catalog != catalog.version)
+                .map(|a| (a.kind, a.text.clone()))
+                .collect()
+        };
+        for (kind, text) in &stale {
+            let request = match kind {
+                b'Q' => Request::Query(text),
+                _ => Request::Parse {
+                    statement: name,
+                    query: text,
+                },
+            };
+            let (decision, effects) = self.decide_cached(&request, Some(catalog));
+            if let Decision::Deny(denial) = decision {
+                return Err(denial_report(denial));
+            }
+            // `EXECUTE q` prepared as a Parse: q may have gone stale too.
+            for op in &effects.prepared {
+                if let PreparedOp::Execute(inner) = op {
+                    if inner != name {
+                        self.redecide(inner, catalog)?;
+                    }
+                }
+            }
+        }
+        if !stale.is_empty() {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            for approved in ledger.book.candidates(name) {
+                approved.catalog = catalog.version;
+            }
+        }
+        Ok(())
+    }
+
+    /// A Bind may only run a statement the proxy approved; one approved under an older
+    /// catalog snapshot is decided again first.
+    async fn check_bind(&mut self, body: &[u8]) -> Result<(), Report> {
         let mut fields = Fields::new(body);
         let name = match fields.cstr().and_then(|_portal| fields.cstr()) {
             Ok(name) => name,
             Err(_) => return Ok(()), // malformed: the upstream refuses it
         };
         let name = statement_name(name);
-        let Some(approved) = self.prepared.get(name) else {
-            // Every statement the proxy let through is in the map, unless its Close was
-            // skipped upstream after an error: refuse rather than run it unchecked.
+        if !self.ledger.lock().expect("ledger lock").book.knows(name) {
+            // Every statement the upstream may hold is in the book: this one cannot have
+            // been approved.
             return Err(Report::new(
                 Severity::Error,
-                codes::INSUFFICIENT_PRIVILEGE,
-                format!("pgbastion does not know prepared statement \"{name}\", so it was not run"),
+                codes::INVALID_SQL_STATEMENT_NAME,
+                format!("prepared statement \"{name}\" does not exist"),
             )
-            .hint("prepare the statement again"));
+            .hint("prepare the statement before binding it"));
+        }
+        let Some(access) = &self.catalog else {
+            return Ok(());
         };
         let catalog = access
             .database
             .fresh(&access.loader, access.max_age)
             .await
             .map_err(catalog_unavailable)?;
-        if catalog.version == approved.catalog {
-            return Ok(());
-        }
-        let query = approved.query.clone();
-        let request = Request::Parse {
-            statement: name,
-            query: &query,
-        };
-        match self.decide_cached(&request, Some(&catalog)).0 {
-            Decision::Allow => {
-                if let Some(approved) = self.prepared.get_mut(name) {
-                    approved.catalog = catalog.version;
-                }
-                Ok(())
-            }
-            Decision::Deny(denial) => Err(denial_report(denial)),
-        }
+        self.adopt_default_search_path(Some(&catalog));
+        self.redecide(name, &catalog)
     }
 
     /// The decision for a request, from the cache when the same statement (up to numeric
@@ -685,7 +781,7 @@ impl UpstreamToClient<'_> {
                 }
             };
             let available = buf.len() - ready;
-            let inspect = tag == b'Z' || (tag == b'E' && pending);
+            let inspect = matches!(tag, b'Z' | b'E' | b'1' | b'3');
             if available < total {
                 if inspect || total <= WHOLE_MESSAGE {
                     buf.reserve(total - available);
@@ -703,23 +799,47 @@ impl UpstreamToClient<'_> {
                     while ledger.denials.front().is_some_and(|d| d.group <= group) {
                         ledger.denials.pop_front();
                     }
+                    ledger.book.ready(group);
                     ledger.ready += 1;
                     ready += total;
                 }
-                b'E' if inspect => {
+                b'1' => {
+                    self.ledger
+                        .lock()
+                        .expect("ledger lock")
+                        .book
+                        .parse_complete();
+                    ready += total;
+                }
+                b'3' => {
+                    self.ledger
+                        .lock()
+                        .expect("ledger lock")
+                        .book
+                        .close_complete();
+                    ready += total;
+                }
+                b'E' if !pending => {
+                    self.ledger.lock().expect("ledger lock").book.error();
+                    ready += total;
+                }
+                b'E' => {
                     let body = &buf[ready + HEADER_LEN..ready + total];
                     let is_sentinel = messages::error_fields(body).is_ok_and(|fields| {
                         messages::error_field(&fields, b'C') == Some(codes::SYNTAX_ERROR)
                             && messages::error_field(&fields, b'M')
                                 .is_some_and(|m| m.contains(self.sentinel))
                     });
-                    let replacement = if is_sentinel {
+                    let replacement = {
                         let mut ledger = self.ledger.lock().expect("ledger lock");
-                        let denial = ledger.denials.pop_front();
-                        pending = !ledger.denials.is_empty();
-                        denial
-                    } else {
-                        None
+                        ledger.book.error();
+                        if is_sentinel {
+                            let denial = ledger.denials.pop_front();
+                            pending = !ledger.denials.is_empty();
+                            denial
+                        } else {
+                            None
+                        }
                     };
                     match replacement {
                         Some(denial) => {
