@@ -57,6 +57,9 @@ pub(crate) struct IssuerKeys {
     cache: RwLock<Cache>,
     /// Serialises fetches (one at a time per issuer) and remembers when the last one started.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Fetch attempts and failures, for metrics.
+    pub fetches: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
 }
 
 impl IssuerKeys {
@@ -81,6 +84,8 @@ impl IssuerKeys {
             http,
             cache: RwLock::new(Cache::default()),
             last_fetch: tokio::sync::Mutex::new(None),
+            fetches: Default::default(),
+            failures: Default::default(),
         })
     }
 
@@ -158,6 +163,16 @@ impl IssuerKeys {
 
     /// Discovery (until it has succeeded once), then the JWKS. On failure the cache is kept.
     async fn fetch(&self) -> Result<usize, String> {
+        use std::sync::atomic::Ordering;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let fetched = self.fetch_once().await;
+        if fetched.is_err() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        fetched
+    }
+
+    async fn fetch_once(&self) -> Result<usize, String> {
         let jwks_uri = self.cache.read().expect("key cache lock").jwks_uri.clone();
         let set = match jwks_uri {
             Some(uri) => CoreJsonWebKeySet::fetch_async(&uri, &self.http)

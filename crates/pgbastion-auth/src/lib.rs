@@ -13,4 +13,4 @@ mod verify;
 
 pub use error::{AuthError, FailureKind};
 pub use mapping::{Grant, Mapper, MappingError};
-pub use verify::{Identity, Verifier};
+pub use verify::{Identity, KeyStatus, Verifier};

@@ -84,6 +84,15 @@ impl Drop for Verifier {
     }
 }
 
+/// An issuer's signing keys, for health and metrics.
+#[derive(Debug, Clone)]
+pub struct KeyStatus {
+    pub issuer: String,
+    pub loaded: bool,
+    pub fetches: u64,
+    pub failures: u64,
+}
+
 impl Verifier {
     /// Builds the verifier and starts fetching keys in the background (first fetch at once).
     /// Must be called inside a Tokio runtime.
@@ -118,6 +127,20 @@ impl Verifier {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Per issuer: whether its keys are loaded, JWKS fetch attempts and failures.
+    pub fn key_status(&self) -> Vec<KeyStatus> {
+        use std::sync::atomic::Ordering;
+        self.issuers
+            .iter()
+            .map(|i| KeyStatus {
+                issuer: i.issuer().to_string(),
+                loaded: i.loaded(),
+                fetches: i.fetches.load(Ordering::Relaxed),
+                failures: i.failures.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Verifies `token` and that it names `user`. Never logs or returns the token.

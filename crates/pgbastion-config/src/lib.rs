@@ -8,10 +8,12 @@
 mod duration;
 mod locate;
 mod model;
+mod operations;
 mod secret;
 mod validate;
 
 pub use model::*;
+pub use operations::*;
 pub use secret::{Secret, SecretError, SecretSource};
 pub use validate::{Problem, Problems};
 

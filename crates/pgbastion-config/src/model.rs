@@ -1,6 +1,7 @@
 //! The configuration model. Every struct denies unknown keys; every field has a documented default.
 //! config/pgbastion.example.toml documents each key for operators.
 
+use crate::operations::{Admin, Audit, IdentityLimits, Limits, Shutdown};
 use crate::secret::SecretSource;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -26,6 +27,14 @@ pub struct Config {
     /// Statement policies by name, referenced by mapping rules.
     #[serde(default)]
     pub policies: BTreeMap<String, Policy>,
+    #[serde(default)]
+    pub audit: Audit,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub shutdown: Shutdown,
 }
 
 /// Where clients connect.
@@ -344,6 +353,9 @@ pub struct Policy {
     /// does not understand then reaches PostgreSQL without a decision.
     #[serde(default)]
     pub allow_unparsed: bool,
+    /// Rate and connection limits for each identity this policy applies to.
+    #[serde(default)]
+    pub limits: IdentityLimits,
 }
 
 mod defaults {

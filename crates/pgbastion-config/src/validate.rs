@@ -1,6 +1,7 @@
 //! Semantic checks of a parsed config. Every problem is collected, none stops the others.
 
 use crate::model::*;
+use crate::operations::AuditSink;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
@@ -68,7 +69,39 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     upstream(&config.upstream, &mut out);
     mappings(config, &mut out);
     policies(config, &mut out);
+    operations(config, &mut out);
     out.0
+}
+
+fn operations(config: &Config, out: &mut Collector) {
+    let audit = &config.audit;
+    if audit.sink == AuditSink::File && audit.path.is_none() {
+        out.add("audit.path", "is required when audit.sink = \"file\"");
+    }
+    if audit.sink != AuditSink::File && audit.path.is_some() {
+        out.add("audit.path", "is only used when audit.sink = \"file\"");
+    }
+    if audit.max_file_bytes < 4096 {
+        out.add("audit.max_file_bytes", "must be at least 4096");
+    }
+    if audit.queue == 0 {
+        out.add("audit.queue", "must be at least 1");
+    }
+    if config.limits.max_client_connections == 0 {
+        out.add("limits.max_client_connections", "must be at least 1");
+    }
+    if config.admin.enabled && config.admin.address == config.listen.address {
+        out.add("admin.address", "must differ from listen.address");
+    }
+    for (name, policy) in &config.policies {
+        let limits = &policy.limits;
+        if limits.statement_burst > 0 && limits.statements_per_second == 0 {
+            out.add(
+                format!("policies.{name}.limits.statement_burst"),
+                "needs statements_per_second",
+            );
+        }
+    }
 }
 
 fn listen(config: &Config, out: &mut Collector) {

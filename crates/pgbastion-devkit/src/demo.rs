@@ -36,6 +36,10 @@ pub fn demo_config(
     tls.cert_file = cert;
     tls.key_file = key;
     config.issuers[0].issuer = issuer.issuer().to_string();
+    // The audit log in the demo's directory; the admin listener on a free port.
+    config.audit.sink = pgbastion_config::AuditSink::File;
+    config.audit.path = Some(dir.join("audit.log"));
+    config.admin.address = SocketAddr::from(([127, 0, 0, 1], 0));
     config.upstream.host = cluster.host().to_string();
     config.upstream.port = cluster.port;
     for (role, source) in config.upstream.roles.iter_mut() {

@@ -6,6 +6,7 @@ use crate::functions::{always_guarded, safe_client_encoding, DANGEROUS};
 use crate::names::{glob, Name};
 use pgbastion_config::{Policy, StatementClass};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Who is asking, as the policy sees it.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +31,10 @@ pub struct Effects {
     pub search_path: Vec<String>,
     /// A relation named was not in the catalog: a newer catalog may know it.
     pub unknown_relations: bool,
+    /// Statement classes found, for the audit log (also for denials).
+    pub classes: Arc<[&'static str]>,
+    /// Relations named, as written (normalised), for the audit log (also for denials).
+    pub relations: Arc<[String]>,
     /// SQL-level prepared statements created, run and removed, in statement order: the
     /// proxy keeps a book of what each name holds.
     pub prepared: Vec<PreparedOp>,
@@ -77,6 +82,9 @@ pub struct Denial {
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
     pub name: String,
+    /// Identifies the policy's rules (a hash of them, set by whoever loads the configuration):
+    /// decisions cached under one version are not reused under another.
+    pub version: String,
     allow: BTreeSet<StatementClass>,
     read_only: bool,
     require_where: bool,
@@ -105,6 +113,7 @@ impl CompiledPolicy {
         }
         CompiledPolicy {
             name: name.to_string(),
+            version: String::new(),
             allow: policy.allow.iter().copied().collect(),
             read_only: policy.read_only,
             require_where: policy.require_where,
@@ -161,7 +170,11 @@ pub fn decide_with_effects(
     let mut effects = Effects::default();
     let decision = decide_request(principal, request, &mut effects);
     if decision != Decision::Allow {
-        effects = Effects::default();
+        effects = Effects {
+            classes: std::mem::take(&mut effects.classes),
+            relations: std::mem::take(&mut effects.relations),
+            ..Effects::default()
+        };
     }
     (decision, effects)
 }
@@ -208,6 +221,14 @@ fn decide_request(
             );
         }
     }
+    let mut classes = BTreeSet::new();
+    let mut relations = BTreeSet::new();
+    for statement in &statements {
+        classes.extend(statement.classes.iter().map(|c| c.as_str()));
+        relations.extend(statement.reads.iter().chain(&statement.writes));
+    }
+    effects.classes = classes.into_iter().collect();
+    effects.relations = relations.into_iter().map(|r| r.to_string()).collect();
     for statement in &statements {
         let decision = decide_statement(principal, statement);
         if decision != Decision::Allow {

@@ -12,6 +12,7 @@ mod decide;
 mod fallback;
 mod functions;
 mod names;
+mod redact;
 
 pub use analyze::{analyze, Call, StatementInfo};
 pub use cache_key::decision_key;
@@ -22,3 +23,4 @@ pub use decide::{
 };
 pub use functions::safe_client_encoding;
 pub use names::Name;
+pub use redact::{redact, UNREADABLE};

@@ -27,11 +27,11 @@ fn bench(c: &mut Criterion) {
             &scope,
             KeyKind::Text,
             &sql,
-            (Decision::Allow, Effects::default()),
+            std::sync::Arc::new((Decision::Allow, Effects::default())),
         );
     }
     let key = decision_key(SELECT_200).unwrap();
-    let verdict = (Decision::Allow, Effects::default());
+    let verdict = std::sync::Arc::new((Decision::Allow, Effects::default()));
     cache.insert(&scope, KeyKind::Text, SELECT_200, verdict.clone());
     cache.insert(&scope, KeyKind::Tokens, &key, verdict);
     c.bench_function("select_200_chars/cache_hit_exact_text", |b| {

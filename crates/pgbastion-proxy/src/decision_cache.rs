@@ -18,13 +18,14 @@ const MAX_CACHED_TEXT: usize = 8 * 1024;
 pub struct Scope<'a> {
     /// The message tag: b'Q' or b'P'.
     pub kind: u8,
+    /// The policy's name and version.
     pub policy: &'a str,
     pub search_path: &'a [String],
     /// The catalog snapshot's version; 0 without one.
     pub catalog: u64,
 }
 
-pub type Verdict = (Decision, Effects);
+pub type Verdict = std::sync::Arc<(Decision, Effects)>;
 
 /// Which of the two keys an entry is filed under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,7 +108,7 @@ mod tests {
     use super::*;
 
     fn allow() -> Verdict {
-        (Decision::Allow, Effects::default())
+        std::sync::Arc::new((Decision::Allow, Effects::default()))
     }
 
     #[test]

@@ -1,17 +1,22 @@
 //! From a new TCP connection to an authenticated session: TLS, startup checks, the token,
 //! the mapping, the upstream login, and the startup messages the client expects.
 
+use crate::limits::{ConnectionSlot, Limited};
 use crate::listener::Shared;
 use crate::options;
 use crate::relay::Session;
 use crate::reply::Refusal;
 use bytes::BytesMut;
+use pgbastion_audit::{Event, Outcome};
+use pgbastion_auth::{Grant, Identity};
 use pgbastion_wire::accept::{accept, AcceptSettings, FirstContact, StartupMessage, PROTOCOL_3_0};
 use pgbastion_wire::frame::read_message;
 use pgbastion_wire::stream::ClientStream;
 use pgbastion_wire::upstream::{self, Login, UpstreamError};
 use pgbastion_wire::WireError;
 use pgbastion_wire::{codes, messages};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -21,10 +26,15 @@ const MAX_STARTUP_PACKET: usize = 10_000;
 
 type Refused = (Option<ClientStream>, Refusal);
 
-pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, conn: u64) {
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, conn: u64) {
     // Request/response traffic: Nagle's algorithm would delay every small reply.
     let _ = tcp.set_nodelay(true);
-    match handshake(&shared, tcp, conn).await {
+    let metrics = &shared.metrics;
+    metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    let max = shared.settings().config.limits.max_client_connections;
+    let slot = shared.limits.connection(max);
+    match handshake(&shared, tcp, peer, conn, slot).await {
         Ok(Some(session)) => session.run().await,
         Ok(None) => {}
         Err((stream, refusal)) => {
@@ -37,14 +47,66 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, conn: u64) {
             }
         }
     }
+    metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// What the audit log says about a refused or accepted authentication.
+struct AuthAudit<'a> {
+    peer: SocketAddr,
+    tls: Option<&'a str>,
+    user: &'a str,
+    database: &'a str,
+    application_name: Option<&'a str>,
+}
+
+impl AuthAudit<'_> {
+    fn event(
+        &self,
+        identity: Option<&Identity>,
+        grant: Option<&Grant>,
+        refusal: Option<&Refusal>,
+    ) -> Event {
+        Event::Authentication {
+            outcome: match refusal {
+                None => Outcome::Success,
+                Some(_) => Outcome::Failure,
+            },
+            peer: self.peer.to_string(),
+            tls: self.tls.map(str::to_string),
+            user: self.user.to_string(),
+            database: self.database.to_string(),
+            application_name: self.application_name.map(str::to_string),
+            issuer: identity.map(|i| i.issuer.clone()),
+            subject: identity.map(|i| i.subject.clone()),
+            groups: identity.map(|i| i.groups.clone()).unwrap_or_default(),
+            role: grant.map(|g| g.role.clone()),
+            policy: grant.map(|g| g.policy.clone()),
+            reason: refusal.map(|r| match r {
+                Refusal::Auth(err) => err.to_string(),
+                Refusal::Mapping(err) => err.to_string(),
+                Refusal::Limited(limited) => limited.message.clone(),
+                other => other.reason().to_string(),
+            }),
+            sqlstate: refusal.map(|r| {
+                let mut out = BytesMut::new();
+                r.encode(&mut out);
+                let fields = pgbastion_wire::messages::error_fields(&out[5..]).unwrap_or_default();
+                pgbastion_wire::messages::error_field(&fields, b'C')
+                    .unwrap_or_default()
+                    .to_string()
+            }),
+        }
+    }
 }
 
 async fn handshake(
     shared: &Arc<Shared>,
     tcp: TcpStream,
+    peer: SocketAddr,
     conn: u64,
+    slot: Result<ConnectionSlot, Limited>,
 ) -> Result<Option<Session>, Refused> {
-    let settings = &shared.settings;
+    let settings = shared.settings();
     let deadline = settings.config.client.auth_timeout;
     let accept_settings = AcceptSettings {
         tls: settings.client_tls.clone(),
@@ -75,6 +137,35 @@ async fn handshake(
             return Ok(None);
         }
         FirstContact::Startup { stream, startup } => (stream, startup),
+    };
+    let tls = stream.tls_version();
+    shared
+        .audit(
+            conn,
+            None,
+            Event::Connection {
+                peer: peer.to_string(),
+                tls: tls.map(str::to_string),
+            },
+        )
+        .await;
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(limited) => {
+            shared.metrics.limited(limited.limit);
+            shared
+                .audit(
+                    conn,
+                    None,
+                    Event::Limit {
+                        limit: limited.limit.to_string(),
+                        message: limited.message.clone(),
+                        sqlstate: codes::TOO_MANY_CONNECTIONS.to_string(),
+                    },
+                )
+                .await;
+            return Err((Some(stream), Refusal::Limited(limited)));
+        }
     };
     if !stream.is_tls() && !settings.config.listen.allow_plaintext {
         return Err((Some(stream), Refusal::PlaintextNotAllowed));
@@ -114,19 +205,68 @@ async fn handshake(
             ))
         }
     };
+    let application_name = startup.get("application_name").map(str::to_string);
+    let audit = AuthAudit {
+        peer,
+        tls,
+        user: &user,
+        database: &database,
+        application_name: application_name.as_deref(),
+    };
+    let refuse = |identity: Option<&Identity>, grant: Option<&Grant>, refusal: Refusal| {
+        shared.metrics.auth_failure(refusal.reason());
+        let event = audit.event(identity, grant, Some(&refusal));
+        (refusal, event)
+    };
+    if let Err(limited) = shared.limits.may_authenticate(peer.ip()) {
+        shared.metrics.limited(limited.limit);
+        let (refusal, event) = refuse(None, None, Refusal::Limited(limited));
+        shared.audit(conn, None, event).await;
+        return Err((Some(stream), refusal));
+    }
     let identity = match shared.verifier.verify(&token, &user).await {
         Ok(identity) => identity,
-        Err(err) => return Err((Some(stream), Refusal::Auth(err))),
+        Err(err) => {
+            shared.limits.authentication_failed(peer.ip());
+            let (refusal, event) = refuse(None, None, Refusal::Auth(err));
+            shared.audit(conn, None, event).await;
+            return Err((Some(stream), refusal));
+        }
     };
     drop(token);
-    let grant = match shared.mapper.map(&identity, &database) {
+    let grant = match settings.mapper.map(&identity, &database) {
         Ok(grant) => grant,
-        Err(err) => return Err((Some(stream), Refusal::Mapping(err))),
+        Err(err) => {
+            let (refusal, event) = refuse(Some(&identity), None, Refusal::Mapping(err));
+            shared.audit(conn, None, event).await;
+            return Err((Some(stream), refusal));
+        }
     };
-    let Some(policy) = settings.policies.get(&grant.policy).cloned() else {
+    let (Some(policy), Some(policy_config)) = (
+        settings.policies.get(&grant.policy).cloned(),
+        settings.config.policies.get(&grant.policy),
+    ) else {
         tracing::error!(policy = %grant.policy, "mapping names an undefined policy");
         return Err((Some(stream), Refusal::Internal { conn }));
     };
+    let session_slot =
+        match shared
+            .limits
+            .session(&identity.issuer, &identity.user, &policy_config.limits)
+        {
+            Ok(slot) => slot,
+            Err(limited) => {
+                shared.metrics.limited(limited.limit);
+                let (refusal, event) =
+                    refuse(Some(&identity), Some(&grant), Refusal::Limited(limited));
+                shared.audit(conn, None, event).await;
+                return Err((Some(stream), refusal));
+            }
+        };
+    let statement_rate =
+        shared
+            .limits
+            .statement_rate(&identity.issuer, &identity.user, &policy_config.limits);
     if policy.read_only() {
         // Defence in depth: PostgreSQL itself refuses writes in a read-only session.
         parameters.retain(|(name, _)| !name.eq_ignore_ascii_case("default_transaction_read_only"));
@@ -155,9 +295,19 @@ async fn handshake(
         database: &database,
         parameters: &parameters,
     };
-    let upstream = match upstream::connect(&settings.upstream, login).await {
+    let connecting = std::time::Instant::now();
+    let connected = upstream::connect(&settings.upstream, login).await;
+    shared
+        .metrics
+        .upstream_connect
+        .observe(connecting.elapsed());
+    let upstream = match connected {
         Ok(upstream) => upstream,
         Err(error) => {
+            shared
+                .metrics
+                .upstream_connect_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(role = %login_role, error = %error, "upstream login failed");
             let refusal = match (&settings.gateway, &error) {
                 (Some(gateway), UpstreamError::Refused { sqlstate, .. })
@@ -173,6 +323,8 @@ async fn handshake(
                     error,
                 },
             };
+            let event = audit.event(Some(&identity), Some(&grant), Some(&refusal));
+            shared.audit(conn, None, event).await;
             return Err((Some(stream), refusal));
         }
     };
@@ -186,6 +338,20 @@ async fn handshake(
         tls = stream.tls_version().unwrap_or("none"),
         "session started"
     );
+    shared
+        .audit(conn, None, audit.event(Some(&identity), Some(&grant), None))
+        .await;
+    let session_json: Arc<str> = serde_json::json!({
+        "user": identity.user,
+        "subject": identity.subject,
+        "issuer": identity.issuer,
+        "groups": identity.groups,
+        "role": grant.role,
+        "database": database,
+        "application_name": application_name,
+    })
+    .to_string()
+    .into();
     let login_role = login_role.to_string();
     let cancel = shared.cancels.register(upstream.pid, upstream.secret);
     let mut out = BytesMut::with_capacity(512);
@@ -211,6 +377,10 @@ async fn handshake(
         login_role,
         cancel,
         shared: shared.clone(),
+        conn,
+        session_json,
+        statement_rate,
+        slots: (slot, session_slot),
     }))
 }
 
@@ -247,7 +417,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     match shared.cancels.lookup(pid, secret) {
         Some((upstream_pid, upstream_secret)) => {
             if let Err(err) =
-                upstream::cancel(&shared.settings.upstream, upstream_pid, upstream_secret).await
+                upstream::cancel(&shared.settings().upstream, upstream_pid, upstream_secret).await
             {
                 tracing::warn!(error = %err, "forwarding a cancel request failed");
             } else {

@@ -6,17 +6,23 @@
 //! Depends on the config, wire, auth and policy crates; nothing depends on it but the binary
 //! and the integration tests.
 
+mod admin;
 mod cancel;
 mod catalog;
+mod client_side;
 pub mod decision_cache;
+mod executions;
 mod gateway;
 mod handshake;
+mod limits;
 mod listener;
+mod metrics;
 mod options;
 mod prepared;
 mod relay;
 mod reply;
 mod settings;
+mod upstream_side;
 
-pub use listener::{Proxy, ProxyError};
+pub use listener::{Proxy, ProxyError, ProxyHandle};
 pub use settings::Settings;

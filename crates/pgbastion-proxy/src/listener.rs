@@ -1,18 +1,24 @@
-//! The listener: binds, accepts, and gives each connection its task, id and tracing span.
+//! The listener: binds, accepts, and gives each connection its task, id and tracing span;
+//! reloads the configuration and drains sessions at shutdown.
 
+use crate::admin;
 use crate::cancel::CancelRegistry;
 use crate::catalog::Catalogs;
 use crate::decision_cache::DecisionCache;
 use crate::handshake;
+use crate::limits::Limits;
+use crate::metrics::{Metrics, Snapshot};
 use crate::settings::Settings;
-use pgbastion_auth::{Mapper, Verifier};
+use pgbastion_audit::{Auditor, Event, Outcome, Record, WriterHandle};
+use pgbastion_auth::Verifier;
 use pgbastion_config::Config;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tracing::Instrument;
 
 /// Distinct statement texts whose decisions are remembered.
@@ -21,12 +27,51 @@ const DECISION_CACHE_ENTRIES: usize = 10_000;
 /// What every connection of one proxy shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub settings: Settings,
+    current: RwLock<Arc<Settings>>,
+    /// Bumped by every successful reload; sessions compare it to pick up new policies.
+    generation: AtomicU64,
     pub verifier: Verifier,
-    pub mapper: Mapper,
     pub cancels: Arc<CancelRegistry>,
     pub decisions: DecisionCache,
     pub catalogs: Catalogs,
+    pub metrics: Metrics,
+    pub auditor: Auditor,
+    pub limits: Arc<Limits>,
+    /// Set at the end of the drain: sessions still running end with 57P01.
+    pub terminate: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The configuration in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.current.read().expect("settings lock").clone()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub async fn audit(&self, conn: u64, session: Option<Arc<str>>, event: Event) {
+        self.auditor
+            .record(Record {
+                time: SystemTime::now(),
+                conn,
+                session,
+                event,
+            })
+            .await;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            audit_queue_depth: self.auditor.queue_depth(),
+            audit_written: self.auditor.written(),
+            audit_dropped: self.auditor.dropped(),
+            audit_failures: self.auditor.failures(),
+            keys: self.verifier.key_status(),
+            config_generation: self.generation(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,35 +83,70 @@ pub enum ProxyError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("audit log: {0}")]
+    Audit(std::io::Error),
 }
 
 /// A bound, not yet running proxy.
 #[derive(Debug)]
 pub struct Proxy {
     listener: TcpListener,
+    admin: Option<TcpListener>,
+    shared: Arc<Shared>,
+    terminate: watch::Sender<bool>,
+    writer: WriterHandle,
+}
+
+/// Reloads the configuration of a running proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyHandle {
     shared: Arc<Shared>,
 }
 
 impl Proxy {
-    /// Resolves the config (files, secrets), starts fetching signing keys and binds the
-    /// listener. Port 0 binds a free port; `local_addr` tells which.
+    /// Resolves the config (files, secrets), opens the audit log, starts fetching signing
+    /// keys and binds the listeners. Port 0 binds a free port; `local_addr` tells which.
     pub async fn bind(config: Config) -> Result<Proxy, ProxyError> {
         let settings = Settings::resolve(config).map_err(ProxyError::Settings)?;
         let verifier = Verifier::start(&settings.config.issuers).map_err(ProxyError::Settings)?;
-        let mapper = Mapper::new(settings.config.mappings.clone());
         let address = settings.config.listen.address;
         let listener = TcpListener::bind(address)
             .await
             .map_err(|source| ProxyError::Bind { address, source })?;
+        let admin = match settings.config.admin.enabled {
+            true => {
+                let address = settings.config.admin.address;
+                Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| ProxyError::Bind { address, source })?,
+                )
+            }
+            false => None,
+        };
+        let (auditor, writer) = Auditor::start(
+            &settings.config.audit,
+            Arc::new(|sql: &str| pgbastion_policy::redact(sql)),
+        )
+        .map_err(ProxyError::Audit)?;
+        let (terminate, terminated) = watch::channel(false);
+        let limits = Limits::new(settings.config.limits.auth_attempts_per_minute);
         Ok(Proxy {
             listener,
+            admin,
+            terminate,
+            writer,
             shared: Arc::new(Shared {
-                settings,
+                current: RwLock::new(Arc::new(settings)),
+                generation: AtomicU64::new(1),
                 verifier,
-                mapper,
                 cancels: Arc::new(CancelRegistry::default()),
                 decisions: DecisionCache::new(DECISION_CACHE_ENTRIES),
                 catalogs: Catalogs::default(),
+                metrics: Metrics::default(),
+                auditor,
+                limits,
+                terminate: terminated,
             }),
         })
     }
@@ -77,14 +157,29 @@ impl Proxy {
             .expect("a bound listener has an address")
     }
 
+    /// Where /metrics, /healthz and /readyz are served, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Waits until every issuer's signing keys are loaded; returns the issuers still without.
     pub async fn wait_for_keys(&self, timeout: Duration) -> Vec<String> {
         self.shared.verifier.wait_for_keys(timeout).await
     }
 
-    /// Accepts connections until `shutdown` completes.
+    /// Accepts connections until `shutdown` completes; then lets sessions finish for up to
+    /// `shutdown.drain_timeout`, ends the rest with 57P01 and writes the audit log out.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let next_id = AtomicU64::new(1);
+        let admin = self
+            .admin
+            .map(|listener| tokio::spawn(admin::serve(listener, self.shared.clone())));
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -101,8 +196,127 @@ impl Proxy {
             };
             let conn = next_id.fetch_add(1, Ordering::Relaxed);
             let span = tracing::info_span!("conn", id = conn, peer = %peer);
-            tokio::spawn(handshake::serve(self.shared.clone(), tcp, conn).instrument(span));
+            tokio::spawn(handshake::serve(self.shared.clone(), tcp, peer, conn).instrument(span));
         }
-        tracing::info!("listener stopped");
+        drop(self.listener);
+        let drain = self.shared.settings().config.shutdown.drain_timeout;
+        tracing::info!(
+            sessions = self.shared.limits.connections(),
+            drain_seconds = drain.as_secs_f64(),
+            "listener stopped; draining sessions"
+        );
+        let deadline = tokio::time::Instant::now() + drain;
+        while self.shared.limits.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.shared.limits.connections() > 0 {
+            tracing::info!(
+                sessions = self.shared.limits.connections(),
+                "drain timeout: ending the remaining sessions"
+            );
+            let _ = self.terminate.send(true);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while self.shared.limits.connections() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if let Some(admin) = admin {
+            admin.abort();
+        }
+        if !self.shared.auditor.flush(Duration::from_secs(10)).await {
+            tracing::error!("the audit log could not be written out before stopping");
+        }
+        // The writer thread ends with the last auditor clone; it has nothing left to write.
+        drop(self.writer);
+        tracing::info!("pgbastion stopped");
+    }
+}
+
+impl ProxyHandle {
+    /// Loads `config` in place of the running one. New sessions use it at once; running
+    /// sessions apply their policy's new rules from their next statement. On error the
+    /// running configuration stays, and the error says what is wrong.
+    pub async fn reload(&self, config: Config) -> Result<(), String> {
+        let shared = &self.shared;
+        let result = Self::check_reloadable(&shared.settings().config, &config)
+            .and_then(|()| Settings::resolve(config));
+        match result {
+            Ok(settings) => {
+                *shared.current.write().expect("settings lock") = Arc::new(settings);
+                let generation = shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                shared.metrics.reload("success");
+                tracing::info!(generation, "configuration reloaded");
+                shared
+                    .audit(
+                        0,
+                        None,
+                        Event::Reload {
+                            outcome: Outcome::Success,
+                            error: None,
+                        },
+                    )
+                    .await;
+                Ok(())
+            }
+            Err(error) => {
+                self.reload_refused(error.clone()).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// A reload that cannot happen (the file does not parse, say): logged, counted, audited.
+    pub async fn reload_refused(&self, error: String) {
+        let shared = &self.shared;
+        shared.metrics.reload("failure");
+        tracing::error!(error = %error, "configuration reload refused; the running configuration stays");
+        shared
+            .audit(
+                0,
+                None,
+                Event::Reload {
+                    outcome: Outcome::Failure,
+                    error: Some(error),
+                },
+            )
+            .await;
+    }
+
+    /// Keys read only at start: a reload that changes them is refused rather than half applied.
+    fn check_reloadable(running: &Config, new: &Config) -> Result<(), String> {
+        let json = |v: &dyn erased::Json| v.json();
+        let checks: [(&str, String, String); 5] = [
+            ("listen", json(&running.listen), json(&new.listen)),
+            ("admin", json(&running.admin), json(&new.admin)),
+            ("audit", json(&running.audit), json(&new.audit)),
+            ("issuers", json(&running.issuers), json(&new.issuers)),
+            ("limits", json(&running.limits), json(&new.limits)),
+        ];
+        let changed: Vec<&str> = checks
+            .iter()
+            .filter(|(_, a, b)| a != b)
+            .map(|(key, _, _)| *key)
+            .collect();
+        if changed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "[{}] changed: these keys take effect only at a restart",
+                changed.join("], [")
+            ))
+        }
+    }
+}
+
+mod erased {
+    /// Any serialisable config section, compared by its JSON form.
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
     }
 }

@@ -23,10 +23,23 @@ pub const MAX_CANDIDATES: usize = 16;
 pub struct Approved {
     /// How it was decided: b'P' (a Parse's query) or b'Q' (the Query that PREPAREd it).
     pub kind: u8,
-    pub text: Arc<str>,
     /// The catalog snapshot it was approved under (0: none).
     pub catalog: u64,
+    /// Its text, what it reads and writes, and the policy version that approved it.
+    pub about: Arc<About>,
     seq: u64,
+}
+
+/// What the audit log and metrics say about a statement that runs.
+#[derive(Debug)]
+pub struct About {
+    pub text: Arc<str>,
+    /// The prepared statement's name, for executions of one.
+    pub statement: Option<String>,
+    pub classes: Arc<[&'static str]>,
+    pub relations: Arc<[String]>,
+    pub policy: Arc<str>,
+    pub policy_version: Arc<str>,
 }
 
 /// A forwarded message whose outcome is not known yet; `group` numbers the ReadyForQuery
@@ -71,6 +84,7 @@ impl Book {
             .map_or(&mut [], |c| c.as_mut_slice())
     }
 
+    #[cfg(test)]
     pub fn knows(&self, name: &str) -> bool {
         self.names.contains_key(name)
     }
@@ -228,11 +242,11 @@ impl Book {
 }
 
 impl Approved {
-    pub fn new(kind: u8, text: &str, catalog: u64) -> Approved {
+    pub fn new(kind: u8, catalog: u64, about: Arc<About>) -> Approved {
         Approved {
             kind,
-            text: text.into(),
             catalog,
+            about,
             seq: 0,
         }
     }
@@ -245,13 +259,24 @@ mod tests {
     fn texts(book: &mut Book, name: &str) -> Vec<String> {
         book.candidates(name)
             .iter()
-            .map(|a| a.text.to_string())
+            .map(|a| a.about.text.to_string())
             .collect()
     }
 
+    fn approved(kind: u8, text: &str) -> Approved {
+        let about = About {
+            text: text.into(),
+            statement: None,
+            classes: Arc::new([]),
+            relations: Arc::new([]),
+            policy: "p".into(),
+            policy_version: "1".into(),
+        };
+        Approved::new(kind, 1, Arc::new(about))
+    }
+
     fn parse(book: &mut Book, group: u64, name: &str, text: &str) {
-        book.parse_sent(group, name, Approved::new(b'P', text, 1))
-            .unwrap();
+        book.parse_sent(group, name, approved(b'P', text)).unwrap();
     }
 
     #[test]
@@ -321,7 +346,7 @@ mod tests {
     #[test]
     fn sql_prepare_and_deallocate_count_when_the_query_succeeds() {
         let mut book = Book::default();
-        let q = |text: &str| Approved::new(b'Q', text, 1);
+        let q = |text: &str| approved(b'Q', text);
         book.prepare_sent(0, "p", q("PREPARE p AS SELECT 1"))
             .unwrap();
         book.error();
@@ -353,7 +378,7 @@ mod tests {
             parse(&mut book, 0, "s", &format!("SELECT {i}"));
         }
         assert!(book
-            .parse_sent(0, "s", Approved::new(b'P', "SELECT 99", 1))
+            .parse_sent(0, "s", approved(b'P', "SELECT 99"))
             .is_err());
     }
 }

@@ -37,6 +37,10 @@ pub enum Refusal {
         gateway: String,
         role: String,
     },
+    /// A connection limit (53300).
+    Limited(crate::limits::Limited),
+    /// The proxy is shutting down and the drain timeout passed.
+    Shutdown,
     /// Something that should not happen; details are only in the log, under the connection id.
     Internal {
         conn: u64,
@@ -124,6 +128,12 @@ impl Refusal {
                 format!("pgbastion's gateway role '{gateway}' may not become role '{role}' upstream"),
             )
             .hint(format!("tell the pgbastion operator: GRANT {role} TO {gateway} is missing")),
+            Refusal::Limited(limited) => fatal(codes::TOO_MANY_CONNECTIONS, limited.message.clone()),
+            Refusal::Shutdown => fatal(
+                codes::ADMIN_SHUTDOWN,
+                "terminating connection because pgbastion is shutting down".into(),
+            )
+            .hint("reconnect: another pgbastion instance may take the connection"),
             Refusal::Internal { conn } => fatal(
                 codes::INTERNAL_ERROR,
                 format!("pgbastion internal error (connection {conn})"),
@@ -147,6 +157,8 @@ impl Refusal {
             Refusal::TokenExpired => "token_expired",
             Refusal::ClaimsTooLarge { .. } => "claims_too_large",
             Refusal::GatewayRole { .. } => "gateway_role",
+            Refusal::Limited(limited) => limited.limit,
+            Refusal::Shutdown => "shutdown",
             Refusal::Internal { .. } => "internal",
         }
     }

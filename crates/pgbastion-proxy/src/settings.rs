@@ -1,11 +1,13 @@
 //! The configuration resolved for serving: certificates and secrets read, TLS built.
 //! Built once at start; everything a connection needs, ready to use.
 
+use pgbastion_auth::Mapper;
 use pgbastion_config::{Config, Secret, UpstreamTls, DEFAULT_STARTUP_PARAMETERS};
 use pgbastion_policy::CompiledPolicy;
 use pgbastion_wire::tls::{self, UpstreamTlsMode};
 use pgbastion_wire::upstream::UpstreamTarget;
 use rustls::ServerConfig;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ pub struct Settings {
     pub startup_parameters: BTreeSet<String>,
     /// Statement policies by name, ready for deciding.
     pub policies: BTreeMap<String, Arc<CompiledPolicy>>,
+    pub mapper: Mapper,
 }
 
 impl Settings {
@@ -77,10 +80,16 @@ impl Settings {
         let policies = config
             .policies
             .iter()
-            .map(|(name, policy)| (name.clone(), Arc::new(CompiledPolicy::new(name, policy))))
+            .map(|(name, policy)| {
+                let mut compiled = CompiledPolicy::new(name, policy);
+                compiled.version = policy_version(policy);
+                (name.clone(), Arc::new(compiled))
+            })
             .collect();
+        let mapper = Mapper::new(config.mappings.clone());
         let gateway = config.upstream.gateway.as_ref().map(|g| g.role.clone());
         Ok(Settings {
+            mapper,
             gateway,
             policies,
             config,
@@ -90,4 +99,11 @@ impl Settings {
             startup_parameters,
         })
     }
+}
+
+/// The first 12 hex digits of the SHA-256 of the policy's rules: the same rules give the same
+/// version across restarts, so audit records name the rules that decided them.
+fn policy_version(policy: &pgbastion_config::Policy) -> String {
+    let rules = serde_json::to_string(policy).unwrap_or_default();
+    hex::encode(&Sha256::digest(rules.as_bytes())[..6])
 }

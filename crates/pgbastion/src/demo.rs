@@ -28,6 +28,7 @@ pub async fn run(listen: SocketAddr) -> Result<ExitCode> {
         .map(|t| t.cert_file.clone())
         .unwrap_or_default();
     let mappings = config.mappings.clone();
+    let audit_path = config.audit.path.clone().unwrap_or_default();
     let proxy = pgbastion_proxy::Proxy::bind(config).await?;
     let missing = proxy
         .wait_for_keys(std::time::Duration::from_secs(10))
@@ -63,6 +64,10 @@ pub async fn run(listen: SocketAddr) -> Result<ExitCode> {
     }
     println!();
     println!("upstream: {}", cluster.url("demo_owner", "demo"));
+    println!("audit log: {}", audit_path.display());
+    if let Some(admin) = proxy.admin_addr() {
+        println!("metrics: http://{admin}/metrics");
+    }
     println!();
     println!("Press Ctrl-C to stop; the cluster and all temporary files are removed.");
 

@@ -1,8 +1,11 @@
 //! The `pgbastion` binary: command line, logging, signals.
-//! Commands: `serve` (run the proxy), `check` (validate a config), `demo` (everything local).
+//! Commands: `serve` (run the proxy), `check` (validate a config), `demo` (everything local),
+//! `policy` (explain, test, replay) and `audit verify`.
 
 mod demo;
 mod policy;
+mod reload;
+mod replay;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -45,6 +48,21 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Work with audit logs.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files (rotated files oldest first, then the current one);
+    /// names the first broken record. Exit 0 when intact, 1 otherwise.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,12 +85,27 @@ enum PolicyCommand {
         config: PathBuf,
         cases: PathBuf,
     },
+    /// Decide the statements of audit logs again under a new configuration and report, per
+    /// identity, what would change; exit 1 when anything changes (unless --allow-changes).
+    Replay {
+        /// The configuration to try.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Compare with this configuration instead of the decisions recorded in the log.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Exit 0 even when decisions change.
+        #[arg(long)]
+        allow_changes: bool,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo { .. } | Command::Policy { .. } => "warn",
+        Command::Demo { .. } | Command::Policy { .. } | Command::Audit { .. } => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -99,7 +132,16 @@ fn main() -> ExitCode {
                     sql,
                 } => policy::explain(&config, &claims, database.as_deref(), &sql),
                 PolicyCommand::Test { config, cases } => policy::test(&config, &cases),
+                PolicyCommand::Replay {
+                    config,
+                    baseline,
+                    allow_changes,
+                    files,
+                } => replay::replay(&config, baseline.as_deref(), allow_changes, &files),
             },
+            Command::Audit {
+                command: AuditCommand::Verify { files },
+            } => audit_verify(&files),
         }
     });
     match result {
@@ -122,9 +164,32 @@ async fn serve(path: PathBuf) -> Result<ExitCode> {
     let proxy = pgbastion_proxy::Proxy::bind(config)
         .await
         .context("starting")?;
-    tracing::info!(address = %proxy.local_addr(), "pgbastion listening");
+    tracing::info!(address = %proxy.local_addr(), admin = ?proxy.admin_addr(), "pgbastion listening");
+    let reloader = tokio::spawn(reload::watch(path, proxy.handle()));
     proxy.run(shutdown_signal()).await;
+    reloader.abort();
     Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(files: &[PathBuf]) -> Result<ExitCode> {
+    match pgbastion_audit::verify_files(files) {
+        Ok(verified) => {
+            println!(
+                "{} records, chain intact{}",
+                verified.records,
+                if verified.from_start {
+                    " from its first record"
+                } else {
+                    " (continuing a chain from earlier files)"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(broken) => {
+            println!("{broken}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn check(path: PathBuf) -> Result<ExitCode> {

@@ -10,21 +10,21 @@ use std::path::Path;
 use std::process::ExitCode;
 
 /// The outcome of one hypothetical statement.
-struct Outcome {
+pub(crate) struct Outcome {
     user: String,
     groups: Vec<String>,
     rule_name: String,
     role: String,
     policy: String,
-    decision: Decision,
+    pub decision: Decision,
 }
 
-fn load(config: &Path) -> Result<Config> {
+pub(crate) fn load(config: &Path) -> Result<Config> {
     pgbastion_config::load(config).map_err(|problems| anyhow!("{}:\n{problems}", config.display()))
 }
 
 /// Maps the claims like a real session would, then decides `sql`.
-fn evaluate(
+pub(crate) fn evaluate(
     config: &Config,
     claims: serde_json::Value,
     database: Option<&str>,

@@ -1,0 +1,38 @@
+//! The hash chain: each record names the SHA-256 of the previous record's line.
+
+use sha2::{Digest, Sha256};
+
+/// The `prev` of the first record of a chain.
+pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The hex SHA-256 of one line, without its newline.
+pub fn line_hash(line: &str) -> String {
+    hex::encode(Sha256::digest(line.as_bytes()))
+}
+
+/// Where a chain stands: the hash of its last line and the next sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    pub prev: String,
+    pub seq: u64,
+}
+
+impl Default for ChainHead {
+    fn default() -> Self {
+        ChainHead {
+            prev: ZERO_HASH.to_string(),
+            seq: 0,
+        }
+    }
+}
+
+impl ChainHead {
+    /// The head after `line` (a record) was written.
+    pub fn after(line: &str) -> Option<ChainHead> {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        Some(ChainHead {
+            prev: line_hash(line),
+            seq: value.get("seq")?.as_u64()? + 1,
+        })
+    }
+}

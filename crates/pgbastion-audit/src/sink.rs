@@ -1,0 +1,171 @@
+//! Where lines go: stdout, or a file rotated by size. Rotated files are named
+//! `<path>.000001`, `<path>.000002`, ... so that a shell glob lists them in order.
+
+use crate::chain::ChainHead;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub enum Sink {
+    Stdout,
+    File(FileSink),
+}
+
+#[derive(Debug)]
+pub struct FileSink {
+    path: PathBuf,
+    max_bytes: u64,
+    file: Option<File>,
+    size: u64,
+}
+
+impl Sink {
+    /// Writes whole lines (each ends with a newline) in one go.
+    pub fn write(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(lines)?;
+                out.flush()
+            }
+            Sink::File(file) => file.write(lines),
+        }
+    }
+
+    /// Whether a line of `len` bytes fits in the current file after `pending` bytes not
+    /// written yet (always, for stdout; a line longer than a whole file gets a file of its own).
+    pub fn fits(&self, pending: u64, len: u64) -> bool {
+        match self {
+            Sink::Stdout => true,
+            Sink::File(file) => {
+                let used = file.size + pending;
+                used == 0 || used + len <= file.max_bytes
+            }
+        }
+    }
+
+    /// Starts the next file.
+    pub fn rotate(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout => Ok(()),
+            Sink::File(file) => file.rotate(),
+        }
+    }
+}
+
+impl FileSink {
+    /// Opens `path` for appending; returns where its chain stands (the chain continues over
+    /// restarts and rotations).
+    pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<(FileSink, ChainHead)> {
+        let mut head = ChainHead::default();
+        let mut last = None;
+        // The newest line decides where the chain stands: the current file's, else the
+        // newest rotated file's.
+        let mut candidates = rotated(path)?;
+        candidates.push(path.to_path_buf());
+        for candidate in candidates.iter().rev() {
+            if let Some(line) = last_line(candidate)? {
+                last = Some(line);
+                break;
+            }
+        }
+        if let Some(line) = last {
+            head = ChainHead::after(&line).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: the last line is not an audit record; move the file away to start a new chain",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok((
+            FileSink {
+                path: path.to_path_buf(),
+                max_bytes,
+                file: Some(file),
+                size,
+            },
+            head,
+        ))
+    }
+
+    fn write(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        let file = self.file.as_mut().expect("opened");
+        file.write_all(lines)?;
+        self.size += lines.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        if let Some(file) = self.file.take() {
+            file.sync_all()?;
+        }
+        let next = rotated(&self.path)?
+            .last()
+            .and_then(|p| suffix(&self.path, p))
+            .unwrap_or(0)
+            + 1;
+        let target = PathBuf::from(format!("{}.{next:06}", self.path.display()));
+        std::fs::rename(&self.path, &target)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+/// Rotated files of `path`, oldest first.
+fn rotated(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut found: Vec<(u64, PathBuf)> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter_map(|p| suffix(path, &p).map(|n| (n, p)))
+            .collect(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => return Err(err),
+    };
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// N for `<path>.N`.
+fn suffix(path: &Path, candidate: &Path) -> Option<u64> {
+    let name = candidate.file_name()?.to_str()?;
+    let base = path.file_name()?.to_str()?;
+    let digits = name.strip_prefix(base)?.strip_prefix('.')?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+fn last_line(path: &Path) -> std::io::Result<Option<String>> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let mut last = None;
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            last = Some(line);
+        }
+    }
+    Ok(last)
+}

@@ -1,0 +1,824 @@
+//! Client to upstream: every Query, Parse, Bind and FunctionCall is decided before it is
+//! forwarded; everything else streams through. Denials become sentinels (see `relay`).
+
+use crate::catalog::{DatabaseCatalog, Loader, UNKNOWN_RELATION_REFRESH};
+use crate::decision_cache::{KeyKind, Scope, Verdict};
+use crate::executions::Execution;
+use crate::limits::StatementRate;
+use crate::listener::Shared;
+use crate::prepared::{About, Approved};
+use crate::relay::{statement_name, Ended, Ledger, PendingDenial, READ_BUFFER, WHOLE_MESSAGE};
+use crate::reply::Refusal;
+use bytes::{Buf, BytesMut};
+use pgbastion_audit::{Event, StatementRecord, StatementStatus};
+use pgbastion_policy::{
+    decide_with_effects, decision_key, Catalog, CompiledPolicy, Decision, PreparedOp, Principal,
+    Request,
+};
+use pgbastion_wire::codes;
+use pgbastion_wire::frame::{header, Fields, HEADER_LEN};
+use pgbastion_wire::messages::{self, Report, Severity};
+use pgbastion_wire::stream::{ClientStream, UpstreamStream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+
+/// Named portals remembered for the audit, at most (the unnamed one is kept apart).
+const MAX_PORTALS: usize = 1024;
+
+/// How a session reaches its database's catalog snapshots.
+pub(crate) struct CatalogAccess<'a> {
+    pub database: Arc<DatabaseCatalog>,
+    pub loader: Loader<'a>,
+    pub max_age: std::time::Duration,
+}
+
+pub(crate) struct ClientToUpstream<'a> {
+    shared: &'a Shared,
+    client: ReadHalf<ClientStream>,
+    upstream: &'a mut WriteHalf<UpstreamStream>,
+    ledger: &'a Mutex<Ledger>,
+    sentinel: &'a str,
+    user: &'a str,
+    role: &'a str,
+    /// The session's policy as of configuration `generation`; a reload replaces it by the
+    /// policy of the same name before the next statement is decided.
+    policy: Arc<CompiledPolicy>,
+    generation: u64,
+    /// "name\0version": decisions are cached per policy version.
+    policy_key: String,
+    /// Every schema the session's search_path has held (see `Principal::search_path`).
+    search_path: Vec<String>,
+    /// Used when the policy has relation or column rules.
+    catalog: Option<CatalogAccess<'a>>,
+    /// The catalog snapshot the last decision used (0: none).
+    decided_with: u64,
+    login_role: &'a str,
+    /// The catalog snapshot whose search_path defaults (ALTER ROLE/DATABASE ... SET) were
+    /// last added to `search_path`.
+    defaults_from: u64,
+    max_statement: usize,
+    rate: Option<StatementRate>,
+    conn: u64,
+    /// The session's identity as JSON, when statements are audited.
+    audit: Option<Arc<str>>,
+    /// The last decision's verdict, for the audit of a denial.
+    last_verdict: Option<Verdict>,
+    /// What the unnamed and named portals run, for executions' audit records and metrics.
+    unnamed_portal: Option<Arc<About>>,
+    portals: HashMap<String, Arc<About>>,
+    /// Bytes of a large message still to stream through.
+    passthrough: usize,
+    /// After a denied Parse: the upstream would skip to Sync, so the client's messages are dropped until Sync.
+    skipping: bool,
+    /// Bytes read from the client.
+    pub bytes: u64,
+}
+
+impl<'a> ClientToUpstream<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: &'a Shared,
+        client: ReadHalf<ClientStream>,
+        upstream: &'a mut WriteHalf<UpstreamStream>,
+        ledger: &'a Mutex<Ledger>,
+        sentinel: &'a str,
+        user: &'a str,
+        role: &'a str,
+        policy: Arc<CompiledPolicy>,
+        search_path: Vec<String>,
+        catalog: Option<CatalogAccess<'a>>,
+        login_role: &'a str,
+        max_statement: usize,
+        rate: Option<StatementRate>,
+        conn: u64,
+        audit: Option<Arc<str>>,
+    ) -> Self {
+        ClientToUpstream {
+            shared,
+            client,
+            upstream,
+            ledger,
+            sentinel,
+            user,
+            role,
+            policy_key: format!("{}\0{}", policy.name, policy.version),
+            policy,
+            generation: shared.generation(),
+            search_path,
+            catalog,
+            decided_with: 0,
+            login_role,
+            defaults_from: 0,
+            max_statement,
+            rate,
+            conn,
+            audit,
+            last_verdict: None,
+            unnamed_portal: None,
+            portals: HashMap::new(),
+            passthrough: 0,
+            skipping: false,
+            bytes: 0,
+        }
+    }
+
+    pub async fn run(&mut self) -> Ended {
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        loop {
+            match self.client.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Ended::ClientGone,
+                Ok(n) => self.bytes += n as u64,
+            }
+            match self.process(&mut buf).await {
+                Ok(None) => {}
+                Ok(Some(ended)) => return ended,
+                Err(_) => return Ended::UpstreamClosed,
+            }
+            if buf.capacity() < READ_BUFFER {
+                buf.reserve(READ_BUFFER);
+            }
+        }
+    }
+
+    /// Forwards or decides every complete message in `buf`; returns how the session ends, if it does.
+    async fn process(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Ended>> {
+        // buf[..ready] is verbatim traffic waiting to be written upstream in one go.
+        let mut ready = 0;
+        loop {
+            if self.passthrough > 0 {
+                let n = self.passthrough.min(buf.len() - ready);
+                if n == 0 {
+                    break;
+                }
+                self.passthrough -= n;
+                if self.skipping {
+                    self.flush_ready(buf, &mut ready).await?;
+                    buf.advance(n);
+                } else {
+                    ready += n;
+                }
+                continue;
+            }
+            let (tag, total) = match header(&buf[ready..]) {
+                Ok(Some(found)) => found,
+                Ok(None) => break,
+                Err(err) => return Ok(Some(Ended::Refused(Refusal::from(err)))),
+            };
+            let available = buf.len() - ready;
+            let inspect = matches!(tag, b'Q' | b'P' | b'F');
+            if inspect && total - HEADER_LEN > self.max_statement {
+                return Ok(Some(Ended::Refused(Refusal::StatementTooLarge {
+                    size: total - HEADER_LEN,
+                    limit: self.max_statement,
+                })));
+            }
+            if available < total {
+                if inspect || total <= WHOLE_MESSAGE {
+                    buf.reserve(total - available);
+                    break;
+                }
+                // A large Bind or CopyData: stream it (a Bind once its names are checked).
+                if tag == b'B' {
+                    let names = &buf[ready + HEADER_LEN..];
+                    if names.iter().filter(|b| **b == 0).count() < 2 {
+                        if available > 4096 {
+                            return Ok(Some(Ended::Refused(Refusal::Protocol(
+                                "Bind message names are too long".into(),
+                            ))));
+                        }
+                        buf.reserve(4096);
+                        break;
+                    }
+                    if let Err(report) = self.check_bind(names).await {
+                        // Its parameters are still to come: drop them as they arrive.
+                        let names = names_text(names);
+                        self.flush_ready(buf, &mut ready).await?;
+                        self.deny_bind(names, report).await?;
+                        self.passthrough = total;
+                        continue;
+                    }
+                }
+                if !matches!(tag, b'B' | b'd' | b'E' | b'D' | b'C') {
+                    return Ok(Some(Ended::Refused(Refusal::Protocol(format!(
+                        "unexpected message type '{}'",
+                        tag.escape_ascii()
+                    )))));
+                }
+                self.passthrough = total;
+                continue;
+            }
+            if self.skipping && !matches!(tag, b'S' | b'X') {
+                self.flush_ready(buf, &mut ready).await?;
+                buf.advance(total);
+                continue;
+            }
+            let body = &buf[ready + HEADER_LEN..ready + total];
+            match tag {
+                b'Q' | b'P' | b'F' => match self.decide(tag, body).await {
+                    Ok(()) => {
+                        if tag != b'P' {
+                            let mut ledger = self.ledger.lock().expect("ledger lock");
+                            if tag == b'Q' {
+                                let about = self.about_query(body);
+                                let group = ledger.sent;
+                                ledger
+                                    .executions
+                                    .push(Execution::new(group, "query", about));
+                            }
+                            ledger.sent += 1;
+                        }
+                        ready += total;
+                    }
+                    Err(report) => {
+                        let (statement, text) = match tag {
+                            b'P' => messages::parse_message(body)
+                                .map(|p| (p.statement.to_string(), p.query.to_string()))
+                                .unwrap_or_default(),
+                            b'Q' => (
+                                String::new(),
+                                messages::query_text(body)
+                                    .map(str::to_string)
+                                    .unwrap_or_default(),
+                            ),
+                            _ => (String::new(), String::new()),
+                        };
+                        self.flush_ready(buf, &mut ready).await?;
+                        buf.advance(total);
+                        let kind = match tag {
+                            b'Q' => "query",
+                            b'P' => "parse",
+                            _ => "function_call",
+                        };
+                        self.audit_denial(kind, &text, None, &report).await;
+                        self.deny(tag, &statement, report).await?;
+                    }
+                },
+                b'S' => {
+                    self.skipping = false;
+                    self.ledger.lock().expect("ledger lock").sent += 1;
+                    ready += total;
+                }
+                b'X' => {
+                    ready += total;
+                    self.flush_ready(buf, &mut ready).await?;
+                    return Ok(Some(Ended::ClientTerminated));
+                }
+                b'B' => match self.check_bind(body).await {
+                    Ok(()) => ready += total,
+                    Err(report) => {
+                        let names = names_text(body);
+                        self.flush_ready(buf, &mut ready).await?;
+                        buf.advance(total);
+                        self.deny_bind(names, report).await?;
+                    }
+                },
+                b'E' => {
+                    let portal = Fields::new(body).cstr().unwrap_or_default();
+                    let about = match portal {
+                        "" => self.unnamed_portal.clone(),
+                        named => self.portals.get(named).cloned(),
+                    };
+                    if let Some(about) = &about {
+                        self.shared.metrics.statement(true, &about.classes);
+                    }
+                    let about = about.filter(|_| self.audit.is_some());
+                    let mut ledger = self.ledger.lock().expect("ledger lock");
+                    let group = ledger.sent;
+                    ledger
+                        .executions
+                        .push(Execution::new(group, "execute", about));
+                    drop(ledger);
+                    ready += total;
+                }
+                b'C' => {
+                    if let [kind, name @ .., 0] = body {
+                        let name = String::from_utf8_lossy(name);
+                        if *kind == b'P' {
+                            self.portals.remove(name.as_ref());
+                        }
+                        let mut ledger = self.ledger.lock().expect("ledger lock");
+                        let group = ledger.sent;
+                        ledger.book.close_sent(group, *kind, statement_name(&name));
+                    }
+                    ready += total;
+                }
+                b'D' | b'H' | b'd' | b'c' | b'f' => ready += total,
+                other => {
+                    return Ok(Some(Ended::Refused(Refusal::Protocol(format!(
+                        "unexpected message type '{}'",
+                        other.escape_ascii()
+                    )))))
+                }
+            }
+        }
+        self.flush_ready(buf, &mut ready).await?;
+        self.upstream.flush().await?;
+        Ok(None)
+    }
+
+    async fn flush_ready(&mut self, buf: &mut BytesMut, ready: &mut usize) -> std::io::Result<()> {
+        if *ready > 0 {
+            self.upstream.write_all(&buf[..*ready]).await?;
+            buf.advance(*ready);
+            *ready = 0;
+        }
+        Ok(())
+    }
+
+    /// After a configuration reload: the new rules of the session's policy.
+    fn refresh_policy(&mut self) -> Result<(), Report> {
+        let generation = self.shared.generation();
+        if generation == self.generation {
+            return Ok(());
+        }
+        let settings = self.shared.settings();
+        let Some(policy) = settings.policies.get(&self.policy.name) else {
+            return Err(Report::new(
+                Severity::Error,
+                codes::INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "policy '{}' of this session was removed from pgbastion's configuration",
+                    self.policy.name
+                ),
+            )
+            .detail("rule: policy_removed")
+            .hint("reconnect: new sessions get the policies now configured"));
+        };
+        self.policy = policy.clone();
+        self.policy_key = format!("{}\0{}", policy.name, policy.version);
+        self.generation = generation;
+        Ok(())
+    }
+
+    /// One statement from the identity's rate budget.
+    fn take_rate(&self) -> Result<(), Report> {
+        let Some(rate) = &self.rate else {
+            return Ok(());
+        };
+        rate.check().map_err(|limited| {
+            self.shared.metrics.limited(limited.limit);
+            Report::new(
+                Severity::Error,
+                codes::CONFIGURATION_LIMIT_EXCEEDED,
+                limited.message,
+            )
+            .detail(format!("limit: {}", limited.limit))
+            .hint("slow down, or ask for a higher limit in your policy")
+        })
+    }
+
+    /// The catalog snapshot to decide with, when the policy needs one.
+    async fn current_catalog(
+        &mut self,
+        max_age: Option<std::time::Duration>,
+    ) -> Result<Option<Arc<Catalog>>, Report> {
+        if !self.policy.needs_catalog() {
+            return Ok(None);
+        }
+        let Some(access) = &self.catalog else {
+            return Err(catalog_unavailable(
+                "no credential for the login role".into(),
+            ));
+        };
+        let catalog = access
+            .database
+            .fresh(&access.loader, max_age.unwrap_or(access.max_age))
+            .await
+            .map_err(catalog_unavailable)?;
+        self.adopt_default_search_path(&catalog);
+        Ok(Some(catalog))
+    }
+
+    /// The policy's verdict on a Query, Parse or FunctionCall; Err holds the client's error.
+    async fn decide(&mut self, tag: u8, body: &[u8]) -> Result<(), Report> {
+        self.last_verdict = None;
+        let started = std::time::Instant::now();
+        let result = self.decide_inner(tag, body).await;
+        self.shared.metrics.overhead.observe(started.elapsed());
+        let classes = self
+            .last_verdict
+            .as_ref()
+            .map(|v| v.1.classes.clone())
+            .unwrap_or_default();
+        if tag == b'Q' || result.is_err() {
+            self.shared.metrics.statement(result.is_ok(), &classes);
+        }
+        result
+    }
+
+    async fn decide_inner(&mut self, tag: u8, body: &[u8]) -> Result<(), Report> {
+        self.refresh_policy()?;
+        if tag != b'P' {
+            self.take_rate()?;
+        }
+        let request = match tag {
+            b'Q' => messages::query_text(body).map(Request::Query),
+            b'P' => messages::parse_message(body).map(|p| Request::Parse {
+                statement: p.statement,
+                query: p.query,
+            }),
+            _ => messages::function_call_oid(body).map(|oid| Request::FunctionCall { oid }),
+        };
+        let request = request.map_err(|err| {
+            Report::new(
+                Severity::Error,
+                codes::INSUFFICIENT_PRIVILEGE,
+                format!("pgbastion could not analyse this statement, so it was not run: {err}"),
+            )
+            .detail("rule: unreadable")
+            .hint("statements must be valid UTF-8; set client_encoding to UTF8")
+        })?;
+        let mut catalog = self.current_catalog(None).await?;
+        let mut verdict = self.decide_cached(&request, catalog.as_deref());
+        if let (true, Some(current)) = (verdict.1.unknown_relations, &catalog) {
+            // A relation created since the snapshot: decide again with a newer one.
+            if let Ok(Some(newer)) = self.current_catalog(Some(UNKNOWN_RELATION_REFRESH)).await {
+                if newer.version != current.version {
+                    verdict = self.decide_cached(&request, Some(&newer));
+                    catalog = Some(newer);
+                }
+            }
+        }
+        self.decided_with = catalog.as_ref().map_or(0, |c| c.version);
+        self.last_verdict = Some(verdict.clone());
+        let (decision, effects) = &*verdict;
+        if let Decision::Deny(denial) = decision {
+            return Err(denial_report(denial.clone()));
+        }
+        for schema in &effects.search_path {
+            self.widen_search_path(schema.clone());
+        }
+        for op in &effects.prepared {
+            if let PreparedOp::Execute(name) = op {
+                self.redecide(name, catalog.as_deref())?;
+            }
+        }
+        self.record(&request, &verdict)
+    }
+
+    fn widen_search_path(&mut self, schema: String) {
+        let schema = match schema.as_str() {
+            "$user" => self.role.to_string(),
+            _ => schema,
+        };
+        if !self.search_path.contains(&schema) {
+            self.search_path.push(schema);
+        }
+    }
+
+    /// The search_path a session starts with can come from ALTER ROLE/DATABASE ... SET, which
+    /// the catalog reads: its schemas count from the start.
+    fn adopt_default_search_path(&mut self, catalog: &Catalog) {
+        if catalog.version == self.defaults_from {
+            return;
+        }
+        self.defaults_from = catalog.version;
+        let schemas: Vec<String> = catalog
+            .default_search_path(self.login_role)
+            .cloned()
+            .collect();
+        for schema in schemas {
+            self.widen_search_path(schema);
+        }
+    }
+
+    fn about(&self, text: &str, statement: Option<&str>, verdict: &Verdict) -> Arc<About> {
+        Arc::new(About {
+            text: text.into(),
+            statement: statement.map(str::to_string),
+            classes: verdict.1.classes.clone(),
+            relations: verdict.1.relations.clone(),
+            policy: self.policy.name.as_str().into(),
+            policy_version: self.policy.version.as_str().into(),
+        })
+    }
+
+    /// What the audit says about an allowed Query (None when not auditing).
+    fn about_query(&self, body: &[u8]) -> Option<Arc<About>> {
+        self.audit.as_ref()?;
+        let text = messages::query_text(body).ok()?;
+        let verdict = self.last_verdict.as_ref()?;
+        Some(self.about(text, None, verdict))
+    }
+
+    /// Enters an allowed request's prepared statements into the book as it is forwarded.
+    fn record(&mut self, request: &Request<'_>, verdict: &Verdict) -> Result<(), Report> {
+        let version = self.decided_with;
+        let ops = &verdict.1.prepared;
+        let recorded = match request {
+            Request::Parse { statement, query } => {
+                let name = statement_name(statement);
+                let approved = Approved::new(b'P', version, self.about(query, Some(name), verdict));
+                let mut ledger = self.ledger.lock().expect("ledger lock");
+                let group = ledger.sent;
+                let book = &mut ledger.book;
+                book.parse_sent(group, name, approved.clone())
+                    .map_err(|()| name.to_string())
+                    .and_then(|()| {
+                        // PREPARE sent as a Parse runs at Execute, if ever: a possibility only.
+                        ops.iter().try_for_each(|op| match op {
+                            PreparedOp::Prepare(name) => book
+                                .possible(name, approved.clone())
+                                .map_err(|()| name.clone()),
+                            _ => Ok(()),
+                        })
+                    })
+            }
+            Request::Query(sql) => {
+                let mut ledger = self.ledger.lock().expect("ledger lock");
+                let group = ledger.sent;
+                let book = &mut ledger.book;
+                ops.iter().try_for_each(|op| match op {
+                    PreparedOp::Prepare(name) => {
+                        let about = self.about(sql, Some(name), verdict);
+                        book.prepare_sent(group, name, Approved::new(b'Q', version, about))
+                            .map_err(|()| name.clone())
+                    }
+                    PreparedOp::Deallocate(name) => {
+                        book.deallocate_sent(group, name.as_deref());
+                        Ok(())
+                    }
+                    PreparedOp::Execute(_) => Ok(()),
+                })
+            }
+            Request::FunctionCall { .. } => Ok(()),
+        };
+        recorded.map_err(|name| {
+            Report::new(
+                Severity::Error,
+                codes::DUPLICATE_PREPARED_STATEMENT,
+                format!("prepared statement \"{name}\" already exists"),
+            )
+            .detail("rule: prepared_statement_in_doubt")
+            .hint("close (DEALLOCATE) the statement before preparing it again")
+        })
+    }
+
+    /// Decides again every statement `name` may hold that was approved under another catalog
+    /// snapshot or policy version: PostgreSQL plans it again against the views' current
+    /// definitions, and a reloaded policy applies from the next statement. Err(26000) when
+    /// the proxy approved nothing under that name.
+    fn redecide(&mut self, name: &str, catalog: Option<&Catalog>) -> Result<(), Report> {
+        let version = catalog.map_or(0, |c| c.version);
+        let stale: Vec<Approved> = {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            let candidates = ledger.book.candidates(name);
+            if candidates.is_empty() {
+                return Err(Report::new(
+                    Severity::Error,
+                    codes::INVALID_SQL_STATEMENT_NAME,
+                    format!("prepared statement \"{name}\" does not exist"),
+                )
+                .detail("rule: unknown_statement")
+                .hint("prepare the statement before running it"));
+            }
+            candidates
+                .iter()
+                .filter(|a| a.catalog != version || *a.about.policy_version != *self.policy.version)
+                .cloned()
+                .collect()
+        };
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut renewed = Vec::with_capacity(stale.len());
+        for approved in &stale {
+            let text = approved.about.text.clone();
+            let request = match approved.kind {
+                b'Q' => Request::Query(&text),
+                _ => Request::Parse {
+                    statement: name,
+                    query: &text,
+                },
+            };
+            let verdict = self.decide_cached(&request, catalog);
+            if let Decision::Deny(denial) = &verdict.0 {
+                self.last_verdict = Some(verdict.clone());
+                return Err(denial_report(denial.clone()));
+            }
+            // `EXECUTE q` prepared as a Parse: q may have gone stale too.
+            for op in &verdict.1.prepared {
+                if let PreparedOp::Execute(inner) = op {
+                    if inner != name {
+                        self.redecide(inner, catalog)?;
+                    }
+                }
+            }
+            renewed.push(self.about(&text, Some(name), &verdict));
+        }
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        let candidates = ledger.book.candidates(name);
+        for approved in candidates.iter_mut() {
+            if let Some(i) = stale
+                .iter()
+                .position(|s| Arc::ptr_eq(&s.about, &approved.about))
+            {
+                approved.catalog = version;
+                approved.about = renewed[i].clone();
+            }
+        }
+        Ok(())
+    }
+
+    /// A Bind may only run a statement the proxy approved, under the policy and catalog in
+    /// force: one approved under older ones is decided again first.
+    async fn check_bind(&mut self, body: &[u8]) -> Result<(), Report> {
+        let mut fields = Fields::new(body);
+        let (portal, name) = match fields.cstr().and_then(|p| Ok((p, fields.cstr()?))) {
+            Ok(names) => names,
+            Err(_) => return Ok(()), // malformed: the upstream refuses it
+        };
+        let name = statement_name(name);
+        self.refresh_policy()?;
+        self.take_rate()?;
+        let catalog = self.current_catalog(None).await?;
+        self.redecide(name, catalog.as_deref())?;
+        let about = {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            ledger.book.candidates(name).last().map(|a| a.about.clone())
+        };
+        match portal {
+            "" => self.unnamed_portal = about,
+            named => {
+                if self.portals.len() >= MAX_PORTALS {
+                    self.portals.clear();
+                }
+                if let Some(about) = about {
+                    self.portals.insert(named.to_string(), about);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The decision for a request, from the cache when the same statement (up to numeric
+    /// literals, see `decision_key`) was decided before in the same scope.
+    fn decide_cached(&self, request: &Request<'_>, catalog: Option<&Catalog>) -> Verdict {
+        let principal = Principal {
+            user: self.user,
+            role: self.role,
+            policy: &self.policy,
+            search_path: &self.search_path,
+            catalog,
+        };
+        let (kind, sql) = match request {
+            Request::Query(sql) => (b'Q', *sql),
+            Request::Parse { query, .. } => (b'P', *query),
+            Request::FunctionCall { .. } => {
+                return Arc::new(decide_with_effects(&principal, request))
+            }
+        };
+        let scope = Scope {
+            kind,
+            policy: &self.policy_key,
+            search_path: &self.search_path,
+            catalog: catalog.map_or(0, |c| c.version),
+        };
+        let decisions = &self.shared.decisions;
+        if let Some(verdict) = decisions.get(&scope, KeyKind::Text, sql) {
+            return verdict;
+        }
+        let Some(key) = decision_key(sql) else {
+            return Arc::new(decide_with_effects(&principal, request));
+        };
+        if let Some(verdict) = decisions.get(&scope, KeyKind::Tokens, &key) {
+            // Seen before with other numbers: its numbers vary, and filing each text would
+            // only churn the exact-text map.
+            return verdict;
+        }
+        let verdict = Arc::new(decide_with_effects(&principal, request));
+        decisions.insert(&scope, KeyKind::Tokens, &key, verdict.clone());
+        decisions.insert(&scope, KeyKind::Text, sql, verdict.clone());
+        verdict
+    }
+
+    /// The audit record of a statement that was not run.
+    async fn audit_denial(
+        &mut self,
+        kind: &'static str,
+        text: &str,
+        statement: Option<String>,
+        report: &Report,
+    ) {
+        let Some(session) = &self.audit else {
+            return;
+        };
+        let (classes, relations) = match self.last_verdict.take() {
+            Some(verdict) => (verdict.1.classes.clone(), verdict.1.relations.clone()),
+            None => Default::default(),
+        };
+        let rule = report.detail.as_deref().map(|d| {
+            d.strip_prefix("rule: ")
+                .or_else(|| d.strip_prefix("limit: "))
+                .unwrap_or(d)
+                .to_string()
+        });
+        let event = Event::Statement(StatementRecord {
+            kind,
+            text: text.into(),
+            redact: true,
+            statement,
+            classes,
+            relations,
+            decision: "deny",
+            policy: self.policy.name.as_str().into(),
+            policy_version: self.policy.version.as_str().into(),
+            rule,
+            message: Some(report.message.clone()),
+            status: StatementStatus::Denied,
+            duration_us: 0,
+            rows: None,
+            sqlstate: Some(report.code.to_string()),
+        });
+        self.shared
+            .audit(self.conn, Some(session.clone()), event)
+            .await;
+    }
+
+    /// A refused Bind: audited with the statement it named, then denied like a Parse.
+    async fn deny_bind(&mut self, names: (String, String), report: Report) -> std::io::Result<()> {
+        let (_portal, name) = names;
+        self.shared.metrics.statement(false, &[]);
+        let text = {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            ledger
+                .book
+                .candidates(&name)
+                .last()
+                .map(|a| a.about.text.to_string())
+                .unwrap_or_default()
+        };
+        self.audit_denial("execute", &text, Some(name), &report)
+            .await;
+        let sentinel = self.sentinel.to_string();
+        self.deny(b'P', &sentinel, report).await
+    }
+
+    /// Sends the sentinel in place of the denied message and records the denial. A denied
+    /// Parse becomes a Parse of the sentinel under the same statement name: it fails before
+    /// anything is stored, so that name stays undefined upstream and other statements, the
+    /// unnamed one included, are untouched.
+    async fn deny(&mut self, tag: u8, statement: &str, report: Report) -> std::io::Result<()> {
+        tracing::info!(policy = %self.policy.name, code = report.code, message = %report.message, "statement refused");
+        let mut out = BytesMut::new();
+        {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            let group = ledger.sent;
+            ledger.denials.push_back(PendingDenial { group, report });
+            match tag {
+                b'P' => {
+                    let mut body = BytesMut::new();
+                    body.extend_from_slice(statement.as_bytes());
+                    body.extend_from_slice(b"\0");
+                    body.extend_from_slice(self.sentinel.as_bytes());
+                    body.extend_from_slice(b"\0\0\0");
+                    messages::raw(b'P', &body, &mut out);
+                    // The upstream now skips to Sync; so do we with the client's messages.
+                    self.skipping = true;
+                }
+                _ => {
+                    let mut body = self.sentinel.as_bytes().to_vec();
+                    body.push(0);
+                    messages::raw(b'Q', &body, &mut out);
+                    ledger.sent += 1;
+                }
+            }
+        }
+        self.upstream.write_all(&out).await
+    }
+}
+
+/// A Bind's portal and statement names, for the audit of a refused one.
+fn names_text(body: &[u8]) -> (String, String) {
+    let mut fields = Fields::new(body);
+    let portal = fields.cstr().unwrap_or_default().to_string();
+    let name = statement_name(fields.cstr().unwrap_or_default()).to_string();
+    (portal, name)
+}
+
+/// The client's ErrorResponse for a denial.
+fn denial_report(denial: pgbastion_policy::Denial) -> Report {
+    let mut report = Report::new(
+        Severity::Error,
+        codes::INSUFFICIENT_PRIVILEGE,
+        denial.message,
+    )
+    .detail(format!("rule: {}", denial.rule));
+    if let Some(hint) = denial.hint {
+        report = report.hint(hint);
+    }
+    report
+}
+
+/// Without the catalog a policy with relation rules cannot see through views: fail closed.
+fn catalog_unavailable(error: String) -> Report {
+    tracing::warn!(error = %error, "upstream catalog could not be loaded");
+    Report::new(
+        Severity::Error,
+        codes::INSUFFICIENT_PRIVILEGE,
+        "pgbastion could not read the upstream catalog it needs to decide this statement, so it was not run",
+    )
+    .detail("rule: catalog_unavailable")
+    .hint("try again shortly; if it persists, tell the pgbastion operator")
+}

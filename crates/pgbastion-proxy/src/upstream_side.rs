@@ -1,0 +1,320 @@
+//! Upstream to client: the upstream's messages relayed as they are, except the errors of
+//! denial sentinels (replaced by the denial) and our own messages between whole messages:
+//! the token-expiry warning, and the FATAL that ends a session (expiry, shutdown).
+
+use crate::executions::Finished;
+use crate::listener::Shared;
+use crate::relay::{Ended, Ledger, READ_BUFFER, WHOLE_MESSAGE};
+use crate::reply::Refusal;
+use bytes::{Buf, BytesMut};
+use pgbastion_config::OnTokenExpiry;
+use pgbastion_wire::codes;
+use pgbastion_wire::frame::{header, HEADER_LEN};
+use pgbastion_wire::messages::{self, Report, Severity};
+use pgbastion_wire::stream::{ClientStream, UpstreamStream};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub(crate) struct UpstreamToClient<'a> {
+    shared: &'a Shared,
+    upstream: ReadHalf<UpstreamStream>,
+    client: &'a mut WriteHalf<ClientStream>,
+    ledger: &'a Mutex<Ledger>,
+    sentinel: &'a str,
+    passthrough: usize,
+    expiry: Expiry,
+    terminate: watch::Receiver<bool>,
+    conn: u64,
+    session_json: Arc<str>,
+    /// Completed executions, reported after each batch.
+    finished: Vec<Finished>,
+    /// Bytes relayed to the client.
+    pub bytes: u64,
+}
+
+impl<'a> UpstreamToClient<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: &'a Shared,
+        upstream: ReadHalf<UpstreamStream>,
+        client: &'a mut WriteHalf<ClientStream>,
+        ledger: &'a Mutex<Ledger>,
+        sentinel: &'a str,
+        expiry: Expiry,
+        conn: u64,
+        session_json: Arc<str>,
+    ) -> Self {
+        UpstreamToClient {
+            shared,
+            upstream,
+            client,
+            ledger,
+            sentinel,
+            passthrough: 0,
+            expiry,
+            terminate: shared.terminate.clone(),
+            conn,
+            session_json,
+            finished: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    pub async fn run(&mut self) -> Ended {
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        // Created once: a timer registered per loop turn would cost a timer-wheel insert and
+        // removal for every batch of messages.
+        let warn = sleep_until(self.expiry.warn_at);
+        let end = sleep_until(self.expiry.end_at);
+        tokio::pin!(warn, end);
+        let (mut warn_fired, mut end_fired) = (false, false);
+        let mut terminating = *self.terminate.borrow();
+        loop {
+            tokio::select! {
+                read = self.upstream.read_buf(&mut buf) => {
+                    match read {
+                        Ok(0) | Err(_) => return Ended::UpstreamClosed,
+                        Ok(n) => self.bytes += n as u64,
+                    }
+                    match self.process(&mut buf).await {
+                        Ok(None) => {}
+                        Ok(Some(ended)) => return ended,
+                        Err(_) => return Ended::ClientGone,
+                    }
+                    if buf.capacity() < READ_BUFFER {
+                        buf.reserve(READ_BUFFER);
+                    }
+                }
+                _ = &mut warn, if !warn_fired => {
+                    warn_fired = true;
+                    self.expiry.warning_due = true;
+                }
+                _ = &mut end, if !end_fired => {
+                    end_fired = true;
+                    self.expiry.expired = true;
+                }
+                changed = self.terminate.changed(), if !terminating => {
+                    terminating = changed.is_err() || *self.terminate.borrow();
+                }
+            }
+            // Our own messages go out only between whole messages of the upstream's.
+            if self.passthrough == 0 {
+                if terminating {
+                    return Ended::Refused(Refusal::Shutdown);
+                }
+                if self.expiry.expired {
+                    return Ended::Refused(Refusal::TokenExpired);
+                }
+                if self.expiry.warning_due {
+                    self.expiry.warning_due = false;
+                    let mut out = BytesMut::new();
+                    Report::new(
+                        Severity::Warning,
+                        codes::WARNING,
+                        format!(
+                            "the access token of this session expires at {}; the session will then end",
+                            humantime::format_rfc3339_seconds(self.expiry.expires_at)
+                        ),
+                    )
+                    .hint("reconnect with a fresh access token before then")
+                    .encode(&mut out);
+                    if self.client.write_all(&out).await.is_err()
+                        || self.client.flush().await.is_err()
+                    {
+                        return Ended::ClientGone;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Ended>> {
+        let mut ready = 0;
+        // A sentinel's error can only be in `buf` if its denial was recorded before `buf` was
+        // read, so one look per batch is enough.
+        let mut pending = !self.ledger.lock().expect("ledger lock").denials.is_empty();
+        loop {
+            if self.passthrough > 0 {
+                let n = self.passthrough.min(buf.len() - ready);
+                if n == 0 {
+                    break;
+                }
+                self.passthrough -= n;
+                ready += n;
+                continue;
+            }
+            let (tag, total) = match header(&buf[ready..]) {
+                Ok(Some(found)) => found,
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "upstream broke the protocol");
+                    return Ok(Some(Ended::UpstreamClosed));
+                }
+            };
+            let available = buf.len() - ready;
+            let inspect = matches!(tag, b'Z' | b'E' | b'1' | b'3' | b'C' | b'I' | b's');
+            if available < total {
+                if inspect || total <= WHOLE_MESSAGE {
+                    buf.reserve(total - available);
+                    break;
+                }
+                self.passthrough = total;
+                continue;
+            }
+            let body = &buf[ready + HEADER_LEN..ready + total];
+            match tag {
+                b'Z' => {
+                    let mut ledger = self.ledger.lock().expect("ledger lock");
+                    let group = ledger.ready;
+                    // A denial whose sentinel was skipped (an earlier error in the same
+                    // pipeline) ends here unanswered, as a skipped message would.
+                    while ledger.denials.front().is_some_and(|d| d.group <= group) {
+                        ledger.denials.pop_front();
+                    }
+                    ledger.book.ready(group);
+                    ledger.executions.ready(group, &mut self.finished);
+                    ledger.ready += 1;
+                    ready += total;
+                }
+                b'1' => {
+                    self.ledger
+                        .lock()
+                        .expect("ledger lock")
+                        .book
+                        .parse_complete();
+                    ready += total;
+                }
+                b'3' => {
+                    self.ledger
+                        .lock()
+                        .expect("ledger lock")
+                        .book
+                        .close_complete();
+                    ready += total;
+                }
+                b'C' => {
+                    let mut ledger = self.ledger.lock().expect("ledger lock");
+                    let group = ledger.ready;
+                    ledger
+                        .executions
+                        .command_complete(group, body, &mut self.finished);
+                    ready += total;
+                }
+                b'I' | b's' => {
+                    let mut ledger = self.ledger.lock().expect("ledger lock");
+                    let group = ledger.ready;
+                    ledger.executions.execute_done(group, &mut self.finished);
+                    ready += total;
+                }
+                b'E' => {
+                    let fields = messages::error_fields(body).unwrap_or_default();
+                    let sqlstate = messages::error_field(&fields, b'C').unwrap_or_default();
+                    let is_sentinel = pending
+                        && sqlstate == codes::SYNTAX_ERROR
+                        && messages::error_field(&fields, b'M')
+                            .is_some_and(|m| m.contains(self.sentinel));
+                    let replacement = {
+                        let mut ledger = self.ledger.lock().expect("ledger lock");
+                        ledger.book.error();
+                        if is_sentinel {
+                            let denial = ledger.denials.pop_front();
+                            pending = !ledger.denials.is_empty();
+                            denial
+                        } else {
+                            let group = ledger.ready;
+                            ledger.executions.error(group, sqlstate, &mut self.finished);
+                            None
+                        }
+                    };
+                    match replacement {
+                        Some(denial) => {
+                            if ready > 0 {
+                                self.client.write_all(&buf[..ready]).await?;
+                                buf.advance(ready);
+                                ready = 0;
+                            }
+                            buf.advance(total);
+                            let mut out = BytesMut::new();
+                            denial.report.encode(&mut out);
+                            self.client.write_all(&out).await?;
+                        }
+                        None => ready += total,
+                    }
+                }
+                _ => ready += total,
+            }
+        }
+        if ready > 0 {
+            self.client.write_all(&buf[..ready]).await?;
+            buf.advance(ready);
+        }
+        self.client.flush().await?;
+        self.report_finished().await;
+        Ok(None)
+    }
+
+    /// Latency metrics and audit records of the executions completed in this batch.
+    async fn report_finished(&mut self) {
+        if self.finished.is_empty() {
+            return;
+        }
+        for finished in std::mem::take(&mut self.finished) {
+            let execution = &finished.execution;
+            self.shared
+                .metrics
+                .statement_latency
+                .observe(finished.ended.duration_since(execution.started));
+            if let Some(event) = execution.event(finished.ended) {
+                self.shared
+                    .audit(self.conn, Some(self.session_json.clone()), event)
+                    .await;
+            }
+        }
+    }
+}
+
+/// When to warn about and end a session whose token expires.
+pub(crate) struct Expiry {
+    expires_at: SystemTime,
+    warn_at: Option<Instant>,
+    end_at: Option<Instant>,
+    warning_due: bool,
+    expired: bool,
+}
+
+impl Expiry {
+    pub fn new(
+        expires_at: SystemTime,
+        mode: OnTokenExpiry,
+        warning: std::time::Duration,
+        leeway: std::time::Duration,
+    ) -> Self {
+        let mut expiry = Expiry {
+            expires_at,
+            warn_at: None,
+            end_at: None,
+            warning_due: false,
+            expired: false,
+        };
+        if mode == OnTokenExpiry::Disconnect {
+            // Tokens are accepted up to `leeway` past `exp` (clock skew), so sessions end then too.
+            let remaining = (expires_at + leeway)
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            let now = Instant::now();
+            expiry.end_at = Some(now + remaining);
+            expiry.warn_at = Some(now + remaining.saturating_sub(warning));
+        }
+        expiry
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
