@@ -8,6 +8,8 @@
 #   pgbastion_policy  the same, as alice (policy analysts: read-only, relation and column rules,
 #                     decided with the upstream catalog)
 #   pgbastion_plain   carol through the same configuration with allow_plaintext on loopback
+#   pgbastion_noaudit carol through the same configuration with the audit log off (the demo
+#                     writes a redacted audit file, so "pgbastion" is audit on)
 # Targets are interleaved cell by cell, so ratios within one repetition compare the same
 # stretch of time on a shared machine.
 #
@@ -27,7 +29,7 @@ CLIENTS=${CLIENTS:-1 8}
 PROTOCOLS=${PROTOCOLS:-prepared simple}
 SCALE=${SCALE:-10}
 IDLE=${IDLE:-500}
-TARGETS=${TARGETS:-direct pgbouncer pgbouncer_tls pgbastion pgbastion_policy pgbastion_plain}
+TARGETS=${TARGETS:-direct pgbouncer pgbouncer_tls pgbastion pgbastion_policy pgbastion_plain pgbastion_noaudit}
 
 command -v pgbench >/dev/null || { echo "pgbench not found (apt-get install postgresql-client)" >&2; exit 2; }
 [ -x "$shared/start-pgbouncer.sh" ] || { echo "start-pgbouncer.sh not found in $shared" >&2; exit 2; }
@@ -38,8 +40,10 @@ work=$(mktemp -d /tmp/pgbastion-bench.XXXXXX)
 chmod 755 "$work"
 demo_pid=""
 plain_pid=""
+noaudit_pid=""
 cleanup() {
     [ -n "$plain_pid" ] && kill "$plain_pid" 2>/dev/null && wait "$plain_pid" 2>/dev/null || true
+    [ -n "$noaudit_pid" ] && kill "$noaudit_pid" 2>/dev/null && wait "$noaudit_pid" 2>/dev/null || true
     [ -n "${pgb_dir:-}" ] && PGB_DIR=$pgb_dir "$shared/start-pgbouncer.sh" stop session >/dev/null 2>&1 || true
     [ -f "${pgbt_dir:-/nonexistent}/pgbouncer.pid" ] && kill "$(cat "$pgbt_dir/pgbouncer.pid")" 2>/dev/null || true
     [ -n "$demo_pid" ] && kill "$demo_pid" 2>/dev/null && wait "$demo_pid" 2>/dev/null || true
@@ -65,12 +69,20 @@ rootcert=$(grep -o 'sslrootcert=[^"]*' "$work/demo.out" | head -1 | cut -d= -f2)
 # The same configuration without TLS, for the diagnostic target.
 plain_port=$(free_port)
 config_path=$(grep -o '/tmp/pgbastion-demo-[^ ]*/pgbastion.toml' "$work/demo.out" | head -1)
-sed -e "s/^address = .*/address = \"127.0.0.1:$plain_port\"/" -e "s/^allow_plaintext = .*/allow_plaintext = true/" \
-    "$config_path" >"$work/plain.toml"
+sed -e "s/^address = \"127.0.0.1:$proxy_port\"/address = \"127.0.0.1:$plain_port\"/" -e "s/^allow_plaintext = .*/allow_plaintext = true/" \
+    -e "s|^path = .*|path = \"$work/plain-audit.log\"|" "$config_path" >"$work/plain.toml"
 "$root/target/release/pgbastion" serve --config "$work/plain.toml" >"$work/plain.log" 2>&1 &
 plain_pid=$!
 sleep 1
 kill -0 "$plain_pid" 2>/dev/null || { echo "the plaintext pgbastion did not start:" >&2; cat "$work/plain.log" >&2; exit 1; }
+# The same configuration (TLS on) with the audit log off.
+noaudit_port=$(free_port)
+sed -e "s/^address = \"127.0.0.1:$proxy_port\"/address = \"127.0.0.1:$noaudit_port\"/" -e 's/^sink = .*/sink = "off"/' -e '/^path = /d' \
+    "$config_path" >"$work/noaudit.toml"
+"$root/target/release/pgbastion" serve --config "$work/noaudit.toml" >"$work/noaudit.log" 2>&1 &
+noaudit_pid=$!
+sleep 1
+kill -0 "$noaudit_pid" 2>/dev/null || { echo "the audit-off pgbastion did not start:" >&2; cat "$work/noaudit.log" >&2; exit 1; }
 
 PGPASSWORD=$up_password pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$up_port" -U demo_owner demo >/dev/null 2>&1
 PGPASSWORD=$up_password psql -q -h 127.0.0.1 -p "$up_port" -U demo_owner demo \
@@ -102,6 +114,7 @@ target_env() {
         pgbouncer_tls) echo "PGHOST=127.0.0.1 PGPORT=$pgbt_port PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=require" ;;
         pgbastion_policy) echo "PGHOST=127.0.0.1 PGPORT=$proxy_port PGUSER=alice PGPASSWORD=$(curl -s "$alice_token_url") PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
         pgbastion_plain) echo "PGHOST=127.0.0.1 PGPORT=$plain_port PGUSER=carol PGPASSWORD=$(curl -s "$token_url") PGSSLMODE=disable" ;;
+        pgbastion_noaudit) echo "PGHOST=127.0.0.1 PGPORT=$noaudit_port PGUSER=carol PGPASSWORD=$(curl -s "$token_url") PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
         pgbastion) echo "PGHOST=127.0.0.1 PGPORT=$proxy_port PGUSER=carol PGPASSWORD=$(curl -s "$token_url") PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
     esac
 }
@@ -148,9 +161,9 @@ function added(a, cell,   r, n, sum, k) {
 }
 END {
     for (cell in cells)
-        printf "%-12s pgbastion/pgbouncer %s  pgbastion/pgbouncer_tls %s  pgbastion/direct %s  policy on/off %s  plain/pgbouncer %s  pgbouncer_tls/pgbouncer %s  latency added: pgbastion %s, pgbouncer %s\n", cell,
+        printf "%-12s pgbastion/pgbouncer %s  pgbastion/pgbouncer_tls %s  pgbastion/direct %s  policy on/off %s  audit on/off %s  plain/pgbouncer %s  pgbouncer_tls/pgbouncer %s  latency added: pgbastion %s, pgbouncer %s\n", cell,
             ratio("pgbastion", "pgbouncer", cell), ratio("pgbastion", "pgbouncer_tls", cell), ratio("pgbastion", "direct", cell),
-            ratio("pgbastion_policy", "pgbastion", cell), ratio("pgbastion_plain", "pgbouncer", cell), ratio("pgbouncer_tls", "pgbouncer", cell),
+            ratio("pgbastion_policy", "pgbastion", cell), ratio("pgbastion", "pgbastion_noaudit", cell), ratio("pgbastion_plain", "pgbouncer", cell), ratio("pgbouncer_tls", "pgbouncer", cell),
             added("pgbastion", cell), added("pgbouncer", cell)
 }' "$work/results.csv" | sort
 

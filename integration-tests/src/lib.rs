@@ -29,7 +29,14 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     /// The proxy's certificate (self-signed), for clients to trust.
     pub cert_pem: String,
+    /// The admin listener (/metrics, /healthz, /readyz).
+    pub admin: SocketAddr,
+    /// Reloads the running proxy's configuration.
+    pub handle: pgbastion_proxy::ProxyHandle,
+    /// The configuration the proxy started with.
+    pub config: Config,
     stop: Option<oneshot::Sender<()>>,
+    running: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Harness {
@@ -60,12 +67,14 @@ impl Harness {
         config.issuers[0].jwks_min_refetch = Duration::ZERO;
         let cert_pem = std::fs::read_to_string(dir.path().join("server.crt"))?;
         tweak(&mut config);
-        let proxy = pgbastion_proxy::Proxy::bind(config).await?;
+        let proxy = pgbastion_proxy::Proxy::bind(config.clone()).await?;
         let missing = proxy.wait_for_keys(Duration::from_secs(10)).await;
         anyhow::ensure!(missing.is_empty(), "issuer keys not loaded: {missing:?}");
         let addr = proxy.local_addr();
+        let admin = proxy.admin_addr().context("the admin listener")?;
+        let handle = proxy.handle();
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(proxy.run(async {
+        let running = tokio::spawn(proxy.run(async {
             let _ = stopped.await;
         }));
         Ok(Harness {
@@ -74,8 +83,72 @@ impl Harness {
             proxy: addr,
             dir,
             cert_pem,
+            admin,
+            handle,
+            config,
             stop: Some(stop),
+            running: Some(running),
         })
+    }
+
+    /// Stops accepting, drains sessions (`shutdown.drain_timeout`) and waits for the proxy to stop.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(running) = self.running.take() {
+            running.await.expect("the proxy task");
+        }
+    }
+
+    /// The audit log's path.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// The audit records written so far, as JSON, once `ready` holds for them (waits up to
+    /// 10 s: records are written by a background thread).
+    pub async fn audit_records(
+        &self,
+        ready: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("an audit record is JSON"))
+                .collect();
+            if ready(&records) || std::time::Instant::now() > deadline {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// GET `path` from the admin listener: (status code, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin)
+            .await
+            .expect("admin");
+        let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("response");
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// A valid one-hour token for a harness user (with its group).
