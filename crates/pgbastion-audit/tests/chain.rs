@@ -85,21 +85,24 @@ async fn verification_names_the_first_changed_removed_or_missing_file() {
 
     let edited = original.replacen("record 4 ", "record 9 ", 1);
     std::fs::write(&path, edited).unwrap();
-    let err = verify_files(&[path.clone()]).unwrap_err();
+    let err = verify_files(std::slice::from_ref(&path)).unwrap_err();
     assert!(err.starts_with(&at(6)), "{err}");
 
     let mut removed = lines.clone();
     removed.remove(2);
     std::fs::write(&path, removed.join("\n")).unwrap();
-    let err = verify_files(&[path.clone()]).unwrap_err();
+    let err = verify_files(std::slice::from_ref(&path)).unwrap_err();
     assert!(err.starts_with(&at(3)), "{err}");
 
     let mut reordered = lines.clone();
     reordered.swap(7, 8);
     std::fs::write(&path, reordered.join("\n")).unwrap();
-    let err = verify_files(&[path.clone()]).unwrap_err();
+    let err = verify_files(std::slice::from_ref(&path)).unwrap_err();
     assert!(err.starts_with(&at(8)), "{err}");
 
     std::fs::write(&path, &original).unwrap();
-    assert_eq!(verify_files(&[path.clone()]).unwrap().records, 10);
+    assert_eq!(
+        verify_files(std::slice::from_ref(&path)).unwrap().records,
+        10
+    );
 }
