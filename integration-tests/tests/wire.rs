@@ -297,3 +297,43 @@ async fn binds_run_only_statements_the_upstream_holds_as_approved() {
     );
     assert_eq!(replies(&mut tls).await, ("2DCZ".into(), vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_executing_each_other_are_decided_again_without_looping() {
+    let h = Harness::start().await;
+    let mut tls = raw_session(&h, "alice").await;
+    let sync = message(b'S', b"");
+    let mut out = parse("a", "EXECUTE b");
+    out.extend(parse("b", "EXECUTE a"));
+    out.extend(&sync);
+    tls.write_all(&out).await.unwrap();
+    assert_eq!(replies(&mut tls).await, ("11Z".into(), vec![]));
+    // A reload makes both stale: re-deciding a reaches b, which reaches a again.
+    let mut config = h.config.clone();
+    let analysts = config.policies.get_mut("analysts").unwrap();
+    analysts.deny_read.push("public.nothing".into());
+    h.handle.reload(config).await.unwrap();
+    tls.write_all(&bind_execute_sync("a")).await.unwrap();
+    let (tags, codes) = replies(&mut tls).await;
+    assert!(tags.ends_with('Z'), "{tags} {codes:?}");
+    // The session is still usable.
+    tls.write_all(&message(b'Q', b"SELECT 1\0")).await.unwrap();
+    assert_eq!(replies(&mut tls).await.0, "TDCZ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_are_not_ascii_and_queries_inside_pipelines_are_refused() {
+    let h = Harness::start().await;
+    let mut tls = raw_session(&h, "alice").await;
+    let mut out = parse("caf\u{e9}", "SELECT 1");
+    out.extend(message(b'S', b""));
+    tls.write_all(&out).await.unwrap();
+    assert_eq!(replies(&mut tls).await, ("EZ".into(), vec!["26000".into()]));
+    // A simple Query before the pipeline's Sync would be skipped upstream after an error and
+    // never answered: the session ends instead.
+    let mut out = parse("", "SELECT 1");
+    out.extend(message(b'Q', b"SELECT 2\0"));
+    tls.write_all(&out).await.unwrap();
+    let (tag, body) = read_message(&mut tls).await;
+    assert_eq!((tag, field(&body, b'C')), (b'E', "08P01".to_string()));
+}

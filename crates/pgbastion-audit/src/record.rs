@@ -78,6 +78,8 @@ pub enum StatementStatus {
     Error,
     /// Not run: an earlier error in the same pipeline made the upstream skip it.
     Skipped,
+    /// Forwarded, but the session ended before the upstream answered.
+    Unknown,
 }
 
 #[derive(Debug, Clone, Serialize)]

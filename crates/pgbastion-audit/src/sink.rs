@@ -104,7 +104,12 @@ impl FileSink {
             );
         }
         let file = self.file.as_mut().expect("opened");
-        file.write_all(lines)?;
+        if let Err(err) = file.write_all(lines) {
+            // Part of the batch may be on disk: cut it off, so that the retry writes whole
+            // records and the chain stays intact.
+            let _ = file.set_len(self.size);
+            return Err(err);
+        }
         self.size += lines.len() as u64;
         Ok(())
     }
@@ -119,7 +124,11 @@ impl FileSink {
             .unwrap_or(0)
             + 1;
         let target = PathBuf::from(format!("{}.{next:06}", self.path.display()));
-        std::fs::rename(&self.path, &target)?;
+        match std::fs::rename(&self.path, &target) {
+            // Moved away by someone else (an external logrotate): a new file starts anyway.
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
         self.size = 0;
         Ok(())
     }

@@ -7,7 +7,9 @@ use crate::executions::Execution;
 use crate::limits::StatementRate;
 use crate::listener::Shared;
 use crate::prepared::{About, Approved};
-use crate::relay::{statement_name, Ended, Ledger, PendingDenial, READ_BUFFER, WHOLE_MESSAGE};
+use crate::relay::{
+    name_is_acceptable, statement_name, Ended, Ledger, PendingDenial, READ_BUFFER, WHOLE_MESSAGE,
+};
 use crate::reply::Refusal;
 use bytes::{Buf, BytesMut};
 use pgbastion_audit::{Event, StatementRecord, StatementStatus};
@@ -25,6 +27,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 /// Named portals remembered for the audit, at most (the unnamed one is kept apart).
 const MAX_PORTALS: usize = 1024;
+/// Statements forwarded and not yet answered, at most: a client that pipelines more (the
+/// upstream answers nothing after an error until Sync) is disconnected.
+const MAX_IN_FLIGHT: usize = 65_536;
+/// How deep `EXECUTE` of a statement that itself executes another may nest when re-deciding.
+const MAX_EXECUTE_DEPTH: usize = 16;
 
 /// How a session reaches its database's catalog snapshots.
 pub(crate) struct CatalogAccess<'a> {
@@ -71,6 +78,10 @@ pub(crate) struct ClientToUpstream<'a> {
     passthrough: usize,
     /// After a denied Parse: the upstream would skip to Sync, so the client's messages are dropped until Sync.
     skipping: bool,
+    /// Extended-protocol messages were forwarded since the last Sync. A Query or FunctionCall
+    /// then would be skipped upstream after an error and never answered, which would put the
+    /// count of ReadyForQuery messages out of step: such a session is ended instead.
+    unsynced: bool,
     /// Bytes read from the client.
     pub bytes: u64,
 }
@@ -93,6 +104,7 @@ impl<'a> ClientToUpstream<'a> {
         rate: Option<StatementRate>,
         conn: u64,
         audit: Option<Arc<str>>,
+        generation: u64,
     ) -> Self {
         ClientToUpstream {
             shared,
@@ -104,7 +116,7 @@ impl<'a> ClientToUpstream<'a> {
             role,
             policy_key: format!("{}\0{}", policy.name, policy.version),
             policy,
-            generation: shared.generation(),
+            generation,
             search_path,
             catalog,
             decided_with: 0,
@@ -119,6 +131,7 @@ impl<'a> ClientToUpstream<'a> {
             portals: HashMap::new(),
             passthrough: 0,
             skipping: false,
+            unsynced: false,
             bytes: 0,
         }
     }
@@ -205,6 +218,9 @@ impl<'a> ClientToUpstream<'a> {
                         tag.escape_ascii()
                     )))));
                 }
+                if tag != b'd' {
+                    self.unsynced = true;
+                }
                 self.passthrough = total;
                 continue;
             }
@@ -212,6 +228,23 @@ impl<'a> ClientToUpstream<'a> {
                 self.flush_ready(buf, &mut ready).await?;
                 buf.advance(total);
                 continue;
+            }
+            if matches!(tag, b'Q' | b'F') && self.unsynced {
+                return Ok(Some(Ended::Refused(Refusal::Protocol(
+                    "a simple Query or FunctionCall was sent inside an extended-protocol pipeline \
+                     before its Sync; pgbastion does not relay that"
+                        .into(),
+                ))));
+            }
+            if matches!(tag, b'Q' | b'E')
+                && self.ledger.lock().expect("ledger lock").executions.len() >= MAX_IN_FLIGHT
+            {
+                return Ok(Some(Ended::Refused(Refusal::Protocol(format!(
+                    "more than {MAX_IN_FLIGHT} statements in flight without an answer"
+                )))));
+            }
+            if matches!(tag, b'P' | b'B' | b'E' | b'D' | b'C') {
+                self.unsynced = true;
             }
             let body = &buf[ready + HEADER_LEN..ready + total];
             match tag {
@@ -256,6 +289,7 @@ impl<'a> ClientToUpstream<'a> {
                 },
                 b'S' => {
                     self.skipping = false;
+                    self.unsynced = false;
                     self.ledger.lock().expect("ledger lock").sent += 1;
                     ready += total;
                 }
@@ -274,15 +308,21 @@ impl<'a> ClientToUpstream<'a> {
                     }
                 },
                 b'E' => {
-                    let portal = Fields::new(body).cstr().unwrap_or_default();
+                    let portal = statement_name(Fields::new(body).cstr().unwrap_or_default());
                     let about = match portal {
                         "" => self.unnamed_portal.clone(),
                         named => self.portals.get(named).cloned(),
                     };
-                    if let Some(about) = &about {
-                        self.shared.metrics.statement(true, &about.classes);
-                    }
-                    let about = about.filter(|_| self.audit.is_some());
+                    let classes = about.as_ref().map(|a| a.classes.clone());
+                    self.shared
+                        .metrics
+                        .statement(true, classes.as_deref().unwrap_or_default());
+                    // A portal the proxy does not know (PostgreSQL will refuse it) is still
+                    // recorded: every Execute leaves a record.
+                    let about = self
+                        .audit
+                        .as_ref()
+                        .map(|_| about.unwrap_or_else(|| self.unknown_portal(portal)));
                     let mut ledger = self.ledger.lock().expect("ledger lock");
                     let group = ledger.sent;
                     ledger
@@ -295,7 +335,7 @@ impl<'a> ClientToUpstream<'a> {
                     if let [kind, name @ .., 0] = body {
                         let name = String::from_utf8_lossy(name);
                         if *kind == b'P' {
-                            self.portals.remove(name.as_ref());
+                            self.portals.remove(statement_name(&name));
                         }
                         let mut ledger = self.ledger.lock().expect("ledger lock");
                         let group = ledger.sent;
@@ -450,8 +490,9 @@ impl<'a> ClientToUpstream<'a> {
             self.widen_search_path(schema.clone());
         }
         for op in &effects.prepared {
+            // An EXECUTE of a name the proxy never approved fails upstream: nothing to decide.
             if let PreparedOp::Execute(name) = op {
-                self.redecide(name, catalog.as_deref())?;
+                self.redecide_nested(name, catalog.as_deref(), &mut Vec::new(), true)?;
             }
         }
         self.record(&request, &verdict)
@@ -494,6 +535,18 @@ impl<'a> ClientToUpstream<'a> {
         })
     }
 
+    /// The audit's account of an Execute of a portal the proxy does not know.
+    fn unknown_portal(&self, portal: &str) -> Arc<About> {
+        Arc::new(About {
+            text: "/* a portal pgbastion does not know */".into(),
+            statement: Some(format!("portal {portal}")),
+            classes: Arc::new([]),
+            relations: Arc::new([]),
+            policy: self.policy.name.as_str().into(),
+            policy_version: self.policy.version.as_str().into(),
+        })
+    }
+
     /// What the audit says about an allowed Query (None when not auditing).
     fn about_query(&self, body: &[u8]) -> Option<Arc<About>> {
         self.audit.as_ref()?;
@@ -507,6 +560,9 @@ impl<'a> ClientToUpstream<'a> {
         let version = self.decided_with;
         let ops = &verdict.1.prepared;
         let recorded = match request {
+            Request::Parse { statement, .. } if !name_is_acceptable(statement) => {
+                Err(statement.to_string())
+            }
             Request::Parse { statement, query } => {
                 let name = statement_name(statement);
                 let approved = Approved::new(b'P', version, self.about(query, Some(name), verdict));
@@ -530,6 +586,7 @@ impl<'a> ClientToUpstream<'a> {
                 let group = ledger.sent;
                 let book = &mut ledger.book;
                 ops.iter().try_for_each(|op| match op {
+                    PreparedOp::Prepare(name) if !name_is_acceptable(name) => Err(name.clone()),
                     PreparedOp::Prepare(name) => {
                         let about = self.about(sql, Some(name), verdict);
                         book.prepare_sent(group, name, Approved::new(b'Q', version, about))
@@ -545,13 +602,22 @@ impl<'a> ClientToUpstream<'a> {
             Request::FunctionCall { .. } => Ok(()),
         };
         recorded.map_err(|name| {
+            if !name_is_acceptable(&name) {
+                return Report::new(
+                    Severity::Error,
+                    codes::INVALID_SQL_STATEMENT_NAME,
+                    format!("prepared statement name \"{name}\" is not plain ASCII"),
+                )
+                .detail("rule: statement_name")
+                .hint("name prepared statements with ASCII characters");
+            }
             Report::new(
                 Severity::Error,
                 codes::DUPLICATE_PREPARED_STATEMENT,
-                format!("prepared statement \"{name}\" already exists"),
+                format!("prepared statement \"{name}\" already exists or too many are prepared"),
             )
             .detail("rule: prepared_statement_in_doubt")
-            .hint("close (DEALLOCATE) the statement before preparing it again")
+            .hint("close (DEALLOCATE) statements before preparing them again")
         })
     }
 
@@ -560,10 +626,37 @@ impl<'a> ClientToUpstream<'a> {
     /// definitions, and a reloaded policy applies from the next statement. Err(26000) when
     /// the proxy approved nothing under that name.
     fn redecide(&mut self, name: &str, catalog: Option<&Catalog>) -> Result<(), Report> {
+        self.redecide_nested(name, catalog, &mut Vec::new(), false)
+    }
+
+    /// `redecide`, with the names being re-decided further up (statements may execute each
+    /// other, also in cycles).
+    fn redecide_nested(
+        &mut self,
+        name: &str,
+        catalog: Option<&Catalog>,
+        outer: &mut Vec<String>,
+        unknown_ok: bool,
+    ) -> Result<(), Report> {
+        if outer.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        if outer.len() >= MAX_EXECUTE_DEPTH {
+            return Err(Report::new(
+                Severity::Error,
+                codes::INSUFFICIENT_PRIVILEGE,
+                "prepared statements execute each other too deeply for pgbastion to decide",
+            )
+            .detail("rule: execute_depth"));
+        }
+        outer.push(name.to_string());
         let version = catalog.map_or(0, |c| c.version);
         let stale: Vec<Approved> = {
             let mut ledger = self.ledger.lock().expect("ledger lock");
             let candidates = ledger.book.candidates(name);
+            if candidates.is_empty() && unknown_ok {
+                return Ok(());
+            }
             if candidates.is_empty() {
                 return Err(Report::new(
                     Severity::Error,
@@ -600,9 +693,7 @@ impl<'a> ClientToUpstream<'a> {
             // `EXECUTE q` prepared as a Parse: q may have gone stale too.
             for op in &verdict.1.prepared {
                 if let PreparedOp::Execute(inner) = op {
-                    if inner != name {
-                        self.redecide(inner, catalog)?;
-                    }
+                    self.redecide_nested(inner, catalog, outer, true)?;
                 }
             }
             renewed.push(self.about(&text, Some(name), &verdict));
@@ -629,7 +720,16 @@ impl<'a> ClientToUpstream<'a> {
             Ok(names) => names,
             Err(_) => return Ok(()), // malformed: the upstream refuses it
         };
-        let name = statement_name(name);
+        self.last_verdict = None;
+        if !name_is_acceptable(portal) || !name_is_acceptable(name) {
+            return Err(Report::new(
+                Severity::Error,
+                codes::INVALID_SQL_STATEMENT_NAME,
+                "statement and portal names must be plain ASCII",
+            )
+            .detail("rule: statement_name"));
+        }
+        let (portal, name) = (statement_name(portal), statement_name(name));
         self.refresh_policy()?;
         self.take_rate()?;
         let catalog = self.current_catalog(None).await?;
@@ -641,8 +741,11 @@ impl<'a> ClientToUpstream<'a> {
         match portal {
             "" => self.unnamed_portal = about,
             named => {
-                if self.portals.len() >= MAX_PORTALS {
-                    self.portals.clear();
+                if self.portals.len() >= MAX_PORTALS && !self.portals.contains_key(named) {
+                    // Forget one: its Execute is then recorded as of an unknown portal.
+                    if let Some(old) = self.portals.keys().next().cloned() {
+                        self.portals.remove(&old);
+                    }
                 }
                 if let Some(about) = about {
                     self.portals.insert(named.to_string(), about);

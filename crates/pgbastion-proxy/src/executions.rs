@@ -80,6 +80,27 @@ impl Executions {
         self.queue.push_back(execution);
     }
 
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The kind of the oldest execution still waiting in `group`.
+    pub fn front_kind(&self, group: u64) -> Option<&'static str> {
+        self.queue
+            .front()
+            .filter(|e| e.group == group)
+            .map(|e| e.kind)
+    }
+
+    /// The session ended: what was still waiting is recorded with its outcome unknown.
+    pub fn abandon(&mut self, done: &mut Vec<Finished>) {
+        let ended = Instant::now();
+        for mut execution in self.queue.drain(..) {
+            execution.status = StatementStatus::Unknown;
+            done.push(Finished { execution, ended });
+        }
+    }
+
     /// CommandComplete (`tag`) for the oldest execution in `group`: an Execute is done, a
     /// Query (which may hold several statements) adds its rows and waits for ReadyForQuery.
     pub fn command_complete(&mut self, group: u64, tag: &[u8], done: &mut Vec<Finished>) {

@@ -106,6 +106,8 @@ async fn handshake(
     conn: u64,
     slot: Result<ConnectionSlot, Limited>,
 ) -> Result<Option<Session>, Refused> {
+    // Read before the settings: a reload in between is then picked up by the session.
+    let generation = shared.generation();
     let settings = shared.settings();
     let deadline = settings.config.client.auth_timeout;
     let accept_settings = AcceptSettings {
@@ -381,6 +383,7 @@ async fn handshake(
         session_json,
         statement_rate,
         slots: (slot, session_slot),
+        generation,
     }))
 }
 

@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Peers remembered for failed authentications, at most.
+const MAX_TRACKED_PEERS: usize = 100_000;
+
 /// Statement budgets of identities under one quota.
 type IdentityRate = DefaultKeyedRateLimiter<String>;
 
@@ -124,13 +127,20 @@ impl Limits {
 
     /// Counts a failed authentication from `peer`; over the quota it is blocked for a while.
     pub fn authentication_failed(&self, peer: IpAddr) {
+        if self.failures.len() > MAX_TRACKED_PEERS {
+            self.failures.retain_recent();
+        }
         if let Err(not_until) = self.failures.check_key(&peer) {
             let wait = not_until.wait_time_from(self.clock.now());
             let mut blocked = self.blocked.lock().expect("limits lock");
-            if blocked.len() > 100_000 {
+            if blocked.len() > MAX_TRACKED_PEERS {
                 // Bounded memory under a flood from many addresses.
                 let now = Instant::now();
                 blocked.retain(|_, until| *until > now);
+                self.failures.retain_recent();
+                if blocked.len() > MAX_TRACKED_PEERS {
+                    blocked.clear();
+                }
             }
             blocked.insert(peer, Instant::now() + wait.max(Duration::from_secs(1)));
         }

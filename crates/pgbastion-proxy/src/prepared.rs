@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 /// The most statements one name may be in doubt between; more are refused.
 pub const MAX_CANDIDATES: usize = 16;
+/// The most names one session may have prepared; more are refused.
+pub const MAX_NAMES: usize = 10_000;
 
 /// A statement the policy approved.
 #[derive(Debug, Clone)]
@@ -74,6 +76,10 @@ pub struct Book {
     next_seq: u64,
     /// An ErrorResponse arrived since the last ReadyForQuery.
     error: bool,
+    /// Set when the upstream's answers can no longer be paired with what was sent (a COPY
+    /// FROM STDIN in the extended protocol swallows a Sync): from then on nothing is removed
+    /// on the upstream's word, only added, so the book stays a superset.
+    uncertain: bool,
 }
 
 impl Book {
@@ -148,6 +154,10 @@ impl Book {
     /// ParseComplete: the oldest outstanding Parse succeeded, so its name did not hold
     /// anything before it (or was the unnamed statement, which it replaced).
     pub fn parse_complete(&mut self) {
+        if self.uncertain {
+            self.parses.pop_front();
+            return;
+        }
         if let Some(Pending {
             seq,
             op: Op::Parse(name),
@@ -160,6 +170,10 @@ impl Book {
 
     /// CloseComplete: the oldest outstanding Close succeeded.
     pub fn close_complete(&mut self) {
+        if self.uncertain {
+            self.closes.pop_front();
+            return;
+        }
         if let Some(Pending {
             seq,
             op: Op::Close(Some(name)),
@@ -174,9 +188,21 @@ impl Book {
         self.error = true;
     }
 
+    /// The upstream's answers may be misaligned from now on (see `uncertain`).
+    pub fn uncertain(&mut self) {
+        self.uncertain = true;
+    }
+
     /// ReadyForQuery number `group`: what was still outstanding in that group did not happen,
     /// except PREPARE and DEALLOCATE after an error, which may have.
     pub fn ready(&mut self, group: u64) {
+        if self.uncertain {
+            self.parses.retain(|p| p.group > group);
+            self.closes.retain(|p| p.group > group);
+            self.statements.retain(|p| p.group > group);
+            self.error = false;
+            return;
+        }
         while let Some(p) = self.parses.front() {
             if p.group > group {
                 break;
@@ -221,6 +247,9 @@ impl Book {
     }
 
     fn add(&mut self, name: &str, mut approved: Approved) -> Result<u64, ()> {
+        if self.names.len() >= MAX_NAMES && !self.names.contains_key(name) {
+            return Err(());
+        }
         let candidates = self.names.entry(name.to_string()).or_default();
         if candidates.len() >= MAX_CANDIDATES && !name.is_empty() {
             return Err(());

@@ -56,6 +56,8 @@ pub(crate) struct Session {
     pub statement_rate: Option<StatementRate>,
     /// Places under the connection limits, released when the session ends.
     pub slots: (ConnectionSlot, Option<SessionSlot>),
+    /// The configuration generation `policy` was taken from.
+    pub generation: u64,
 }
 
 /// How a session ended.
@@ -117,6 +119,7 @@ impl Session {
             session_json,
             statement_rate,
             slots,
+            generation,
         } = self;
         let started = Instant::now();
         let settings = shared.settings();
@@ -167,6 +170,7 @@ impl Session {
                 statement_rate,
                 conn,
                 audit,
+                generation,
             );
             let mut to_client = UpstreamToClient::new(
                 &shared,
@@ -182,6 +186,13 @@ impl Session {
                 ended = to_upstream.run() => ended,
                 ended = to_client.run() => ended,
             };
+            // Statements forwarded but not answered: still recorded, their outcome unknown.
+            ledger
+                .lock()
+                .expect("ledger lock")
+                .executions
+                .abandon(&mut to_client.finished);
+            to_client.report_finished().await;
             (ended, to_upstream.bytes, to_client.bytes)
         };
         let busy = {
@@ -226,11 +237,20 @@ impl Session {
     }
 }
 
-/// A statement name as PostgreSQL keys it: its first 63 bytes (NAMEDATALEN - 1).
+/// A statement or portal name as PostgreSQL keys it: its first 63 bytes (NAMEDATALEN - 1).
+/// Only ASCII names are accepted (see `name_is_acceptable`), so the cut is a character boundary
+/// and the bytes are the same in every client encoding.
 pub(crate) fn statement_name(name: &str) -> &str {
     let mut end = name.len().min(63);
     while !name.is_char_boundary(end) {
         end -= 1;
     }
     &name[..end]
+}
+
+/// PostgreSQL compares the raw first 63 bytes of a name after converting it from the client
+/// encoding; the proxy keys its book on text. Names of ASCII characters mean the same to
+/// both, and every client library generates such names.
+pub(crate) fn name_is_acceptable(name: &str) -> bool {
+    name.is_ascii()
 }

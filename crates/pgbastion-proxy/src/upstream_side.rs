@@ -30,7 +30,7 @@ pub(crate) struct UpstreamToClient<'a> {
     conn: u64,
     session_json: Arc<str>,
     /// Completed executions, reported after each batch.
-    finished: Vec<Finished>,
+    pub finished: Vec<Finished>,
     /// Bytes relayed to the client.
     pub bytes: u64,
 }
@@ -155,11 +155,20 @@ impl<'a> UpstreamToClient<'a> {
                 }
             };
             let available = buf.len() - ready;
-            let inspect = matches!(tag, b'Z' | b'E' | b'1' | b'3' | b'C' | b'I' | b's');
+            let inspect = matches!(tag, b'Z' | b'1' | b'3' | b'C' | b'I' | b's' | b'G')
+                || (tag == b'E' && total <= WHOLE_MESSAGE);
             if available < total {
                 if inspect || total <= WHOLE_MESSAGE {
                     buf.reserve(total - available);
                     break;
+                }
+                if tag == b'E' {
+                    // A huge error (a value in its message): relayed as it streams; sentinel
+                    // errors are small, so only the bookkeeping is needed.
+                    let mut ledger = self.ledger.lock().expect("ledger lock");
+                    ledger.book.error();
+                    let group = ledger.ready;
+                    ledger.executions.error(group, "", &mut self.finished);
                 }
                 self.passthrough = total;
                 continue;
@@ -201,6 +210,17 @@ impl<'a> UpstreamToClient<'a> {
                     ledger
                         .executions
                         .command_complete(group, body, &mut self.finished);
+                    ready += total;
+                }
+                b'G' => {
+                    // COPY FROM STDIN started by an Execute: PostgreSQL ignores the Syncs the
+                    // client sends until the copy ends, so ReadyForQuery messages may no
+                    // longer pair with what was sent. The book then only ever grows.
+                    let mut ledger = self.ledger.lock().expect("ledger lock");
+                    let group = ledger.ready;
+                    if ledger.executions.front_kind(group) == Some("execute") {
+                        ledger.book.uncertain();
+                    }
                     ready += total;
                 }
                 b'I' | b's' => {
@@ -257,7 +277,7 @@ impl<'a> UpstreamToClient<'a> {
     }
 
     /// Latency metrics and audit records of the executions completed in this batch.
-    async fn report_finished(&mut self) {
+    pub async fn report_finished(&mut self) {
         if self.finished.is_empty() {
             return;
         }
