@@ -3,7 +3,7 @@
 //! PostgreSQL's own, and pipelined extended-protocol traffic stays in order.
 
 use integration_tests::{text_rows, Harness};
-use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 fn denial(err: &tokio_postgres::Error) -> (String, String) {
     let db = err
@@ -357,8 +357,9 @@ async fn a_search_path_change_is_tracked_so_unqualified_names_stay_decided() {
     other.simple_query("SELECT * FROM orders").await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prepared_statement_is_decided_again_when_a_view_it_reads_changes() {
+/// A harness whose catalog snapshots last half a second, with a view `customer_names` (id,
+/// name) the analysts may read; with carol's and alice's sessions.
+async fn with_customer_names_view() -> (Harness, Client, Client) {
     let h = Harness::start_with(|config| {
         config.upstream.catalog_refresh = std::time::Duration::from_millis(500);
     })
@@ -372,12 +373,11 @@ async fn a_prepared_statement_is_decided_again_when_a_view_it_reads_changes() {
         .await
         .unwrap();
     let alice = h.connect("alice", &h.token("alice")).await.unwrap();
-    let statement = alice
-        .prepare("SELECT * FROM customer_names WHERE id = $1")
-        .await
-        .unwrap();
-    assert_eq!(alice.query(&statement, &[&1i32]).await.unwrap().len(), 1);
-    // PostgreSQL re-plans the prepared statement against the view's new definition.
+    (h, carol, alice)
+}
+
+/// Redefines `customer_names` to read `ssn` too, and waits until the proxy's snapshot has it.
+async fn expose_ssn_through_the_view(carol: &Client) {
     carol
         .batch_execute(
             "CREATE OR REPLACE VIEW customer_names AS SELECT id, name, ssn FROM customers",
@@ -385,6 +385,19 @@ async fn a_prepared_statement_is_decided_again_when_a_view_it_reads_changes() {
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_statement_is_decided_again_when_a_view_it_reads_changes() {
+    // `_proxy` keeps the proxy running to the end of the test.
+    let (_proxy, carol, alice) = with_customer_names_view().await;
+    let statement = alice
+        .prepare("SELECT * FROM customer_names WHERE id = $1")
+        .await
+        .unwrap();
+    assert_eq!(alice.query(&statement, &[&1i32]).await.unwrap().len(), 1);
+    // PostgreSQL re-plans the prepared statement against the view's new definition.
+    expose_ssn_through_the_view(&carol).await;
     let err = alice.query(&statement, &[&1i32]).await.unwrap_err();
     assert_eq!(
         denial(&err),
@@ -434,31 +447,14 @@ async fn a_search_path_default_from_alter_role_counts_from_the_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sql_prepared_statement_is_decided_again_when_a_view_it_reads_changes() {
-    let h = Harness::start_with(|config| {
-        config.upstream.catalog_refresh = std::time::Duration::from_millis(500);
-    })
-    .await;
-    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
-    carol
-        .batch_execute(
-            "CREATE VIEW customer_names AS SELECT id, name FROM customers;
-             GRANT SELECT ON customer_names TO analyst;",
-        )
-        .await
-        .unwrap();
-    let alice = h.connect("alice", &h.token("alice")).await.unwrap();
+    // `_proxy` keeps the proxy running to the end of the test.
+    let (_proxy, carol, alice) = with_customer_names_view().await;
     alice
         .simple_query("PREPARE names AS SELECT * FROM customer_names")
         .await
         .unwrap();
     assert!(!text_rows(&alice, "EXECUTE names").await.is_empty());
-    carol
-        .batch_execute(
-            "CREATE OR REPLACE VIEW customer_names AS SELECT id, name, ssn FROM customers",
-        )
-        .await
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    expose_ssn_through_the_view(&carol).await;
     for execute in ["EXECUTE names", "SELECT 1; EXECUTE names"] {
         let err = alice.simple_query(execute).await.unwrap_err();
         assert_eq!(

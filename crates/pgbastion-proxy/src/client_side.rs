@@ -625,7 +625,12 @@ impl<'a> ClientToUpstream<'a> {
     /// snapshot or policy version: PostgreSQL plans it again against the views' current
     /// definitions, and a reloaded policy applies from the next statement. Err(26000) when
     /// the proxy approved nothing under that name.
-    fn redecide(&mut self, name: &str, catalog: Option<&Catalog>) -> Result<(), Report> {
+    /// Ok holds what the name now runs (its newest candidate), for the audit and metrics.
+    fn redecide(
+        &mut self,
+        name: &str,
+        catalog: Option<&Catalog>,
+    ) -> Result<Option<Arc<About>>, Report> {
         self.redecide_nested(name, catalog, &mut Vec::new(), false)
     }
 
@@ -637,9 +642,9 @@ impl<'a> ClientToUpstream<'a> {
         catalog: Option<&Catalog>,
         outer: &mut Vec<String>,
         unknown_ok: bool,
-    ) -> Result<(), Report> {
+    ) -> Result<Option<Arc<About>>, Report> {
         if outer.iter().any(|n| n == name) {
-            return Ok(());
+            return Ok(None);
         }
         if outer.len() >= MAX_EXECUTE_DEPTH {
             return Err(Report::new(
@@ -651,11 +656,11 @@ impl<'a> ClientToUpstream<'a> {
         }
         outer.push(name.to_string());
         let version = catalog.map_or(0, |c| c.version);
-        let stale: Vec<Approved> = {
+        let (stale, newest): (Vec<Approved>, _) = {
             let mut ledger = self.ledger.lock().expect("ledger lock");
             let candidates = ledger.book.candidates(name);
             if candidates.is_empty() && unknown_ok {
-                return Ok(());
+                return Ok(None);
             }
             if candidates.is_empty() {
                 return Err(Report::new(
@@ -666,14 +671,15 @@ impl<'a> ClientToUpstream<'a> {
                 .detail("rule: unknown_statement")
                 .hint("prepare the statement before running it"));
             }
-            candidates
+            let stale = candidates
                 .iter()
                 .filter(|a| a.catalog != version || *a.about.policy_version != *self.policy.version)
                 .cloned()
-                .collect()
+                .collect();
+            (stale, candidates.last().map(|a| a.about.clone()))
         };
         if stale.is_empty() {
-            return Ok(());
+            return Ok(newest);
         }
         let mut renewed = Vec::with_capacity(stale.len());
         for approved in &stale {
@@ -709,7 +715,7 @@ impl<'a> ClientToUpstream<'a> {
                 approved.about = renewed[i].clone();
             }
         }
-        Ok(())
+        Ok(candidates.last().map(|a| a.about.clone()))
     }
 
     /// A Bind may only run a statement the proxy approved, under the policy and catalog in
@@ -718,7 +724,14 @@ impl<'a> ClientToUpstream<'a> {
         let mut fields = Fields::new(body);
         let (portal, name) = match fields.cstr().and_then(|p| Ok((p, fields.cstr()?))) {
             Ok(names) => names,
-            Err(_) => return Ok(()), // malformed: the upstream refuses it
+            Err(_) => {
+                return Err(Report::new(
+                    Severity::Error,
+                    codes::PROTOCOL_VIOLATION,
+                    "malformed Bind message",
+                )
+                .detail("rule: malformed_message"))
+            }
         };
         self.last_verdict = None;
         if !name_is_acceptable(portal) || !name_is_acceptable(name) {
@@ -733,11 +746,7 @@ impl<'a> ClientToUpstream<'a> {
         self.refresh_policy()?;
         self.take_rate()?;
         let catalog = self.current_catalog(None).await?;
-        self.redecide(name, catalog.as_deref())?;
-        let about = {
-            let mut ledger = self.ledger.lock().expect("ledger lock");
-            ledger.book.candidates(name).last().map(|a| a.about.clone())
-        };
+        let about = self.redecide(name, catalog.as_deref())?;
         match portal {
             "" => self.unnamed_portal = about,
             named => {
@@ -835,7 +844,7 @@ impl<'a> ClientToUpstream<'a> {
             sqlstate: Some(report.code.to_string()),
         });
         self.shared
-            .audit(self.conn, Some(session.clone()), event)
+            .audit(self.conn, Some(session.clone()), || event)
             .await;
     }
 

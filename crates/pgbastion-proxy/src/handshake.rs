@@ -50,6 +50,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// A refused authentication: counted and audited.
+async fn refused(
+    shared: &Shared,
+    conn: u64,
+    audit: &AuthAudit<'_>,
+    identity: Option<&Identity>,
+    grant: Option<&Grant>,
+    refusal: Refusal,
+) -> Refusal {
+    shared.metrics.auth_failure(refusal.reason());
+    shared
+        .audit(conn, None, || audit.event(identity, grant, Some(&refusal)))
+        .await;
+    refusal
+}
+
 /// What the audit log says about a refused or accepted authentication.
 struct AuthAudit<'a> {
     peer: SocketAddr,
@@ -142,29 +158,21 @@ async fn handshake(
     };
     let tls = stream.tls_version();
     shared
-        .audit(
-            conn,
-            None,
-            Event::Connection {
-                peer: peer.to_string(),
-                tls: tls.map(str::to_string),
-            },
-        )
+        .audit(conn, None, || Event::Connection {
+            peer: peer.to_string(),
+            tls: tls.map(str::to_string),
+        })
         .await;
     let slot = match slot {
         Ok(slot) => slot,
         Err(limited) => {
             shared.metrics.limited(limited.limit);
             shared
-                .audit(
-                    conn,
-                    None,
-                    Event::Limit {
-                        limit: limited.limit.to_string(),
-                        message: limited.message.clone(),
-                        sqlstate: codes::TOO_MANY_CONNECTIONS.to_string(),
-                    },
-                )
+                .audit(conn, None, || Event::Limit {
+                    limit: limited.limit.to_string(),
+                    message: limited.message.clone(),
+                    sqlstate: codes::TOO_MANY_CONNECTIONS.to_string(),
+                })
                 .await;
             return Err((Some(stream), Refusal::Limited(limited)));
         }
@@ -215,23 +223,16 @@ async fn handshake(
         database: &database,
         application_name: application_name.as_deref(),
     };
-    let refuse = |identity: Option<&Identity>, grant: Option<&Grant>, refusal: Refusal| {
-        shared.metrics.auth_failure(refusal.reason());
-        let event = audit.event(identity, grant, Some(&refusal));
-        (refusal, event)
-    };
     if let Err(limited) = shared.limits.may_authenticate(peer.ip()) {
         shared.metrics.limited(limited.limit);
-        let (refusal, event) = refuse(None, None, Refusal::Limited(limited));
-        shared.audit(conn, None, event).await;
+        let refusal = refused(shared, conn, &audit, None, None, Refusal::Limited(limited)).await;
         return Err((Some(stream), refusal));
     }
     let identity = match shared.verifier.verify(&token, &user).await {
         Ok(identity) => identity,
         Err(err) => {
             shared.limits.authentication_failed(peer.ip());
-            let (refusal, event) = refuse(None, None, Refusal::Auth(err));
-            shared.audit(conn, None, event).await;
+            let refusal = refused(shared, conn, &audit, None, None, Refusal::Auth(err)).await;
             return Err((Some(stream), refusal));
         }
     };
@@ -239,8 +240,15 @@ async fn handshake(
     let grant = match settings.mapper.map(&identity, &database) {
         Ok(grant) => grant,
         Err(err) => {
-            let (refusal, event) = refuse(Some(&identity), None, Refusal::Mapping(err));
-            shared.audit(conn, None, event).await;
+            let refusal = refused(
+                shared,
+                conn,
+                &audit,
+                Some(&identity),
+                None,
+                Refusal::Mapping(err),
+            )
+            .await;
             return Err((Some(stream), refusal));
         }
     };
@@ -259,9 +267,15 @@ async fn handshake(
             Ok(slot) => slot,
             Err(limited) => {
                 shared.metrics.limited(limited.limit);
-                let (refusal, event) =
-                    refuse(Some(&identity), Some(&grant), Refusal::Limited(limited));
-                shared.audit(conn, None, event).await;
+                let refusal = refused(
+                    shared,
+                    conn,
+                    &audit,
+                    Some(&identity),
+                    Some(&grant),
+                    Refusal::Limited(limited),
+                )
+                .await;
                 return Err((Some(stream), refusal));
             }
         };
@@ -325,8 +339,11 @@ async fn handshake(
                     error,
                 },
             };
-            let event = audit.event(Some(&identity), Some(&grant), Some(&refusal));
-            shared.audit(conn, None, event).await;
+            shared
+                .audit(conn, None, || {
+                    audit.event(Some(&identity), Some(&grant), Some(&refusal))
+                })
+                .await;
             return Err((Some(stream), refusal));
         }
     };
@@ -341,9 +358,14 @@ async fn handshake(
         "session started"
     );
     shared
-        .audit(conn, None, audit.event(Some(&identity), Some(&grant), None))
+        .audit(conn, None, || {
+            audit.event(Some(&identity), Some(&grant), None)
+        })
         .await;
-    let session_json: Arc<str> = serde_json::json!({
+    // Who the session is, for its audit records (nothing to build with the audit log off).
+    let session_json: Arc<str> = match shared.auditor.enabled() {
+        false => Arc::from(""),
+        true => serde_json::json!({
         "user": identity.user,
         "subject": identity.subject,
         "issuer": identity.issuer,
@@ -351,9 +373,10 @@ async fn handshake(
         "role": grant.role,
         "database": database,
         "application_name": application_name,
-    })
-    .to_string()
-    .into();
+        })
+        .to_string()
+        .into(),
+    };
     let login_role = login_role.to_string();
     let cancel = shared.cancels.register(upstream.pid, upstream.secret);
     let mut out = BytesMut::with_capacity(512);

@@ -51,7 +51,12 @@ impl Shared {
         self.generation.load(Ordering::Acquire)
     }
 
-    pub async fn audit(&self, conn: u64, session: Option<Arc<str>>, event: Event) {
+    /// Queues an audit record; `event` is only built when the audit log is on.
+    pub async fn audit(&self, conn: u64, session: Option<Arc<str>>, event: impl FnOnce() -> Event) {
+        if !self.auditor.enabled() {
+            return;
+        }
+        let event = event();
         self.auditor
             .record(Record {
                 time: SystemTime::now(),
@@ -247,14 +252,10 @@ impl ProxyHandle {
                 shared.metrics.reload("success");
                 tracing::info!(generation, "configuration reloaded");
                 shared
-                    .audit(
-                        0,
-                        None,
-                        Event::Reload {
-                            outcome: Outcome::Success,
-                            error: None,
-                        },
-                    )
+                    .audit(0, None, || Event::Reload {
+                        outcome: Outcome::Success,
+                        error: None,
+                    })
                     .await;
                 Ok(())
             }
@@ -271,32 +272,26 @@ impl ProxyHandle {
         shared.metrics.reload("failure");
         tracing::error!(error = %error, "configuration reload refused; the running configuration stays");
         shared
-            .audit(
-                0,
-                None,
-                Event::Reload {
-                    outcome: Outcome::Failure,
-                    error: Some(error),
-                },
-            )
+            .audit(0, None, || Event::Reload {
+                outcome: Outcome::Failure,
+                error: Some(error),
+            })
             .await;
     }
 
     /// Keys read only at start: a reload that changes them is refused rather than half applied.
     fn check_reloadable(running: &Config, new: &Config) -> Result<(), String> {
-        let json = |v: &dyn erased::Json| v.json();
-        let checks: [(&str, String, String); 5] = [
-            ("listen", json(&running.listen), json(&new.listen)),
-            ("admin", json(&running.admin), json(&new.admin)),
-            ("audit", json(&running.audit), json(&new.audit)),
-            ("issuers", json(&running.issuers), json(&new.issuers)),
-            ("limits", json(&running.limits), json(&new.limits)),
-        ];
-        let changed: Vec<&str> = checks
-            .iter()
-            .filter(|(_, a, b)| a != b)
-            .map(|(key, _, _)| *key)
-            .collect();
+        let changed: Vec<&str> = [
+            ("listen", same(&running.listen, &new.listen)),
+            ("admin", same(&running.admin, &new.admin)),
+            ("audit", same(&running.audit, &new.audit)),
+            ("issuers", same(&running.issuers, &new.issuers)),
+            ("limits", same(&running.limits, &new.limits)),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(key, _)| key)
+        .collect();
         if changed.is_empty() {
             Ok(())
         } else {
@@ -308,15 +303,8 @@ impl ProxyHandle {
     }
 }
 
-mod erased {
-    /// Any serialisable config section, compared by its JSON form.
-    pub trait Json {
-        fn json(&self) -> String;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> String {
-            serde_json::to_string(self).unwrap_or_default()
-        }
-    }
+/// Whether two configuration sections are equal (compared by their serialised form: the
+/// model has no `PartialEq`).
+fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }

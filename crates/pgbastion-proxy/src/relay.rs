@@ -222,16 +222,12 @@ impl Session {
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(ended = ?ended, seconds, "session ended");
         shared
-            .audit(
-                conn,
-                Some(session_json),
-                Event::Disconnect {
-                    reason: ended.reason().to_string(),
-                    seconds,
-                    bytes_from_client: bytes_in,
-                    bytes_to_client: bytes_out,
-                },
-            )
+            .audit(conn, Some(session_json), || Event::Disconnect {
+                reason: ended.reason().to_string(),
+                seconds,
+                bytes_from_client: bytes_in,
+                bytes_to_client: bytes_out,
+            })
             .await;
         drop(slots);
     }

@@ -289,7 +289,7 @@ impl<'a> UpstreamToClient<'a> {
                 .observe(finished.ended.duration_since(execution.started));
             if let Some(event) = execution.event(finished.ended) {
                 self.shared
-                    .audit(self.conn, Some(self.session_json.clone()), event)
+                    .audit(self.conn, Some(self.session_json.clone()), || event)
                     .await;
             }
         }
