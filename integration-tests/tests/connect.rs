@@ -84,14 +84,18 @@ async fn a_hundred_concurrent_sessions_each_get_their_answer() {
                 .query_one("SELECT $1::int4 * 2, pg_backend_pid()", &[&i])
                 .await
                 .unwrap();
-            (row.get::<_, i32>(0), row.get::<_, i32>(1))
+            // Kept open until every answer is in: a session that ended would hand its
+            // upstream connection on to the next.
+            (row.get::<_, i32>(0), row.get::<_, i32>(1), client)
         }));
     }
     let mut pids = std::collections::BTreeSet::new();
+    let mut open = Vec::new();
     for (i, task) in tasks.into_iter().enumerate() {
-        let (doubled, pid) = task.await.unwrap();
+        let (doubled, pid, client) = task.await.unwrap();
         assert_eq!(doubled, 2 * i as i32);
         pids.insert(pid);
+        open.push(client);
     }
     assert_eq!(
         pids.len(),

@@ -187,3 +187,64 @@ async fn a_mapped_role_the_gateway_cannot_become_is_a_clear_refusal() {
         .unwrap();
     assert_eq!(rows(&alice, "SELECT current_user").await, ["analyst"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_gateway_connection_serves_only_the_identity_it_was_opened_for() {
+    let (harness, _password) = gateway_harness().await;
+    let pid = |client: tokio_postgres::Client| async move {
+        rows(&client, "SELECT pg_backend_pid()").await[0].clone()
+    };
+    let token = harness.token("alice");
+    let first = pid(harness.connect("alice", &token).await.unwrap()).await;
+    // The pool takes the connection back once its reset has run.
+    let idle =
+        "pgbastion_pool_connections{role=\"pgbastion_gateway\",database=\"demo\",state=\"idle\"} 1";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !harness
+        .admin_get("/metrics")
+        .await
+        .1
+        .lines()
+        .any(|l| l == idle)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection never went back idle"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Another identity of the same mapped role: its own connection, its own identity.
+    let claims = harness.issuer.claims(
+        "alicia",
+        std::time::Duration::from_secs(3600),
+        serde_json::json!({ "groups": ["analysts"] }),
+    );
+    let alicia = harness
+        .connect("alicia", &harness.issuer.sign(&claims).unwrap())
+        .await
+        .unwrap();
+    assert_ne!(rows(&alicia, "SELECT pg_backend_pid()").await[0], first);
+    assert_eq!(
+        rows(
+            &alicia,
+            "SELECT current_setting('pgbastion.user'), count(*) FROM notes GROUP BY 1"
+        )
+        .await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        rows(&alicia, "SELECT current_setting('pgbastion.user')").await,
+        ["alicia"]
+    );
+    // The same token again: the connection it had, with its identity intact.
+    let again = harness.connect("alice", &token).await.unwrap();
+    assert_eq!(rows(&again, "SELECT pg_backend_pid()").await[0], first);
+    assert_eq!(
+        rows(
+            &again,
+            "SELECT current_setting('pgbastion.user'), count(*) FROM notes GROUP BY 1"
+        )
+        .await,
+        ["alice|2"]
+    );
+}

@@ -254,3 +254,41 @@ async fn a_session_ends_when_its_token_expires_after_a_warning() {
     );
     assert!(client.simple_query("SELECT 1").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_token_is_remembered_only_while_it_and_its_key_are_valid() {
+    let h = Harness::start_with(|c| c.issuers[0].leeway = Duration::ZERO).await;
+    // Expires in two seconds (times are whole seconds, so at least one second from now).
+    let short = {
+        let mut claims = h.claims("alice", HOUR);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        claims["exp"] = json!(now + 2);
+        h.issuer.sign(&claims).unwrap()
+    };
+    let long = h.token("alice");
+    for _ in 0..2 {
+        h.connect("alice", &short).await.unwrap();
+        h.connect("alice", &long).await.unwrap();
+    }
+    // The remembered token still names its own user only.
+    let (code, message) = h.connect_error("bob", "demo", &long).await;
+    assert_eq!(code, "28000");
+    assert_eq!(
+        message,
+        "user 'bob' does not match the token's preferred_username 'alice'"
+    );
+    // Its expiry still holds.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (code, message) = h.connect_error("alice", "demo", &short).await;
+    assert_eq!(code, "28P01");
+    assert!(message.starts_with("access token expired at "), "{message}");
+    // A key rotation retires it: once the new key set is fetched (here for a token of the new
+    // key), a token of the withdrawn key is verified again, and refused.
+    h.issuer.rotate(KeyKind::Rs256).unwrap();
+    h.connect("alice", &h.token("alice")).await.unwrap();
+    let (code, _) = h.connect_error("alice", "demo", &long).await;
+    assert_eq!(code, "28P01");
+}

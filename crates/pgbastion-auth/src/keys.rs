@@ -97,6 +97,11 @@ impl IssuerKeys {
         self.cache.read().expect("key cache lock").loaded
     }
 
+    /// The current key set; a refetch replaces it (a new `Arc`, even with the same keys).
+    pub fn key_set(&self) -> Arc<Vec<SigningKey>> {
+        self.cache.read().expect("key cache lock").keys.clone()
+    }
+
     /// Keys that may verify a token with this `kid` and algorithm.
     pub fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<SigningKey> {
         let keys = self.cache.read().expect("key cache lock").keys.clone();

@@ -9,6 +9,7 @@ mod claims;
 mod error;
 mod keys;
 mod mapping;
+mod verified;
 mod verify;
 
 pub use error::{AuthError, FailureKind};

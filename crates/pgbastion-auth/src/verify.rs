@@ -4,6 +4,7 @@
 use crate::claims;
 use crate::error::AuthError;
 use crate::keys::IssuerKeys;
+use crate::verified::{token_hash, Verified, VerifiedTokens};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, Validation};
@@ -66,6 +67,7 @@ impl Identity {
 /// Verifies tokens of the configured issuers. Background key refresh stops when dropped.
 pub struct Verifier {
     issuers: Vec<Arc<IssuerKeys>>,
+    verified: VerifiedTokens,
     refreshers: Vec<JoinHandle<()>>,
 }
 
@@ -107,6 +109,7 @@ impl Verifier {
             .collect();
         Ok(Verifier {
             issuers,
+            verified: VerifiedTokens::default(),
             refreshers,
         })
     }
@@ -145,21 +148,38 @@ impl Verifier {
 
     /// Verifies `token` and that it names `user`. Never logs or returns the token.
     pub async fn verify(&self, token: &str, user: &str) -> Result<Identity, AuthError> {
+        let hash = token_hash(token);
+        if let Some(hit) = self.verified.get(&hash) {
+            let keys = &self.issuers[hit.issuer];
+            if Arc::ptr_eq(&hit.keys, &keys.key_set()) {
+                if let Err(err) = check_times(&hit.claims, keys.config.leeway) {
+                    self.verified.remove(&hash);
+                    return Err(err);
+                }
+                return identity(&keys.config, &hit.claims, user);
+            }
+            // The issuer's keys were refetched since: verify again.
+            self.verified.remove(&hash);
+        }
         let (header, claims) = decode_unverified(token)?;
         let alg = algorithm(&header)?;
         let iss = claims
             .get("iss")
             .and_then(Value::as_str)
             .ok_or_else(|| AuthError::MissingClaim("iss".into()))?;
-        let keys = self
+        let (index, keys) = self
             .issuers
             .iter()
-            .find(|i| i.issuer() == iss)
+            .enumerate()
+            .find(|(_, i)| i.issuer() == iss)
             .ok_or_else(|| AuthError::UntrustedIssuer(printable(iss)))?;
         let config = &keys.config;
         if !config.algorithms.iter().any(|a| a == alg_name(alg)) {
             return Err(AuthError::Algorithm(alg_name(alg).to_string()));
         }
+        // Taken before the lookup: if the lookup refetches, the entry below is simply never
+        // used, rather than tied to a key set the signature was not checked against.
+        let key_set = keys.key_set();
         let kid = header.get("kid").and_then(Value::as_str);
         let candidates = keys.candidates_or_refetch(kid, alg).await?;
         check_signature(token, alg, &candidates)?;
@@ -168,29 +188,46 @@ impl Verifier {
         check_audience(&claims, config)?;
         check_scopes(&claims, config)?;
         let expires_at = timestamp(&claims, "exp")?.expect("checked by check_times");
-        let value = claims::lookup(&claims, &config.user_claim)
-            .and_then(Value::as_str)
-            .ok_or_else(|| AuthError::MissingClaim(config.user_claim.clone()))?;
-        if value != user {
-            return Err(AuthError::UserMismatch {
-                user: printable(user),
-                claim: config.user_claim.clone(),
-                value: printable(value),
-            });
-        }
-        Ok(Identity {
-            issuer: config.issuer.clone(),
-            subject: claims
-                .get("sub")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            user: user.to_string(),
-            groups: claims::strings(claims::lookup(&claims, &config.groups_claim)),
-            expires_at,
-            claims,
-        })
+        let claims = Arc::new(claims);
+        self.verified.insert(
+            hash,
+            Verified {
+                issuer: index,
+                keys: key_set,
+                claims: claims.clone(),
+                expires_at,
+            },
+        );
+        identity(config, &claims, user)
     }
+}
+
+/// The identity verified `claims` give, if they name `user`.
+fn identity(config: &Issuer, claims: &Value, user: &str) -> Result<Identity, AuthError> {
+    let expires_at =
+        timestamp(claims, "exp")?.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
+    let value = claims::lookup(claims, &config.user_claim)
+        .and_then(Value::as_str)
+        .ok_or_else(|| AuthError::MissingClaim(config.user_claim.clone()))?;
+    if value != user {
+        return Err(AuthError::UserMismatch {
+            user: printable(user),
+            claim: config.user_claim.clone(),
+            value: printable(value),
+        });
+    }
+    Ok(Identity {
+        issuer: config.issuer.clone(),
+        subject: claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        user: user.to_string(),
+        groups: claims::strings(claims::lookup(claims, &config.groups_claim)),
+        expires_at,
+        claims: claims.clone(),
+    })
 }
 
 async fn refresh_forever(keys: Arc<IssuerKeys>) {

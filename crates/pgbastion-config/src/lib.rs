@@ -9,11 +9,13 @@ mod duration;
 mod locate;
 mod model;
 mod operations;
+mod pool;
 mod secret;
 mod validate;
 
 pub use model::*;
 pub use operations::*;
+pub use pool::Pool;
 pub use secret::{Secret, SecretError, SecretSource};
 pub use validate::{Problem, Problems};
 

@@ -2,6 +2,7 @@
 //! config/pgbastion.example.toml documents each key for operators.
 
 use crate::operations::{Admin, Audit, IdentityLimits, Limits, Shutdown};
+use crate::pool::Pool;
 use crate::secret::SecretSource;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -35,6 +36,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub shutdown: Shutdown,
+    #[serde(default)]
+    pub pool: Pool,
 }
 
 /// Where clients connect.

@@ -90,6 +90,21 @@ fn operations(config: &Config, out: &mut Collector) {
     if config.limits.max_client_connections == 0 {
         out.add("limits.max_client_connections", "must be at least 1");
     }
+    let pool = &config.pool;
+    if pool.max_size == 0 {
+        out.add("pool.max_size", "must be at least 1");
+    }
+    if pool.min_size > pool.max_size {
+        out.add("pool.min_size", "must not exceed pool.max_size");
+    }
+    if pool.reset_query.contains('\0') {
+        out.add("pool.reset_query", "must not contain a NUL character");
+    } else if pool.reset_query.trim().is_empty() {
+        out.add(
+            "pool.reset_query",
+            "must not be empty: a reused connection would keep its last client's session state",
+        );
+    }
     if config.admin.enabled && config.admin.address == config.listen.address {
         out.add("admin.address", "must differ from listen.address");
     }

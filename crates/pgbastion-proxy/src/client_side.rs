@@ -136,6 +136,12 @@ impl<'a> ClientToUpstream<'a> {
         }
     }
 
+    /// Whether the client's messages so far form complete requests: nothing half forwarded,
+    /// no extended-protocol pipeline waiting for its Sync.
+    pub fn between_requests(&self) -> bool {
+        self.passthrough == 0 && !self.skipping && !self.unsynced
+    }
+
     pub async fn run(&mut self) -> Ended {
         let mut buf = BytesMut::with_capacity(READ_BUFFER);
         loop {
@@ -294,8 +300,9 @@ impl<'a> ClientToUpstream<'a> {
                     ready += total;
                 }
                 b'X' => {
-                    ready += total;
+                    // Not forwarded: the upstream connection may serve another session.
                     self.flush_ready(buf, &mut ready).await?;
+                    buf.advance(total);
                     return Ok(Some(Ended::ClientTerminated));
                 }
                 b'B' => match self.check_bind(body).await {

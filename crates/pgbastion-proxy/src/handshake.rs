@@ -4,6 +4,7 @@
 use crate::limits::{ConnectionSlot, Limited};
 use crate::listener::Shared;
 use crate::options;
+use crate::pool::AcquireError;
 use crate::relay::Session;
 use crate::reply::Refusal;
 use bytes::BytesMut;
@@ -311,33 +312,37 @@ async fn handshake(
         database: &database,
         parameters: &parameters,
     };
-    let connecting = std::time::Instant::now();
-    let connected = upstream::connect(&settings.upstream, login).await;
-    shared
-        .metrics
-        .upstream_connect
-        .observe(connecting.elapsed());
-    let upstream = match connected {
+    let acquired = shared
+        .pools
+        .acquire(&settings, login, generation, &shared.metrics)
+        .await;
+    let upstream = match acquired {
         Ok(upstream) => upstream,
         Err(error) => {
-            shared
-                .metrics
-                .upstream_connect_failures
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(role = %login_role, error = %error, "upstream login failed");
-            let refusal = match (&settings.gateway, &error) {
-                (Some(gateway), UpstreamError::Refused { sqlstate, .. })
-                    if sqlstate == codes::INSUFFICIENT_PRIVILEGE =>
-                {
-                    Refusal::GatewayRole {
-                        gateway: gateway.clone(),
-                        role: grant.role.clone(),
+            let refusal = match error {
+                AcquireError::Exhausted { max, waited } => Refusal::PoolExhausted {
+                    role: login_role.to_string(),
+                    database: database.clone(),
+                    max,
+                    waited,
+                },
+                AcquireError::Upstream(error) => {
+                    tracing::warn!(role = %login_role, error = %error, "upstream login failed");
+                    match (&settings.gateway, &error) {
+                        (Some(gateway), UpstreamError::Refused { sqlstate, .. })
+                            if sqlstate == codes::INSUFFICIENT_PRIVILEGE =>
+                        {
+                            Refusal::GatewayRole {
+                                gateway: gateway.clone(),
+                                role: grant.role.clone(),
+                            }
+                        }
+                        _ => Refusal::Upstream {
+                            role: login_role.to_string(),
+                            error,
+                        },
                     }
                 }
-                _ => Refusal::Upstream {
-                    role: login_role.to_string(),
-                    error,
-                },
             };
             shared
                 .audit(conn, None, || {
@@ -355,6 +360,8 @@ async fn handshake(
         role = %grant.role,
         database = %database,
         tls = stream.tls_version().unwrap_or("none"),
+        upstream_pid = upstream.lease.pid,
+        reused = upstream.reused,
         "session started"
     );
     shared
@@ -378,22 +385,26 @@ async fn handshake(
         .into(),
     };
     let login_role = login_role.to_string();
-    let cancel = shared.cancels.register(upstream.pid, upstream.secret);
+    let cancel = shared
+        .cancels
+        .register(upstream.lease.pid, upstream.lease.secret);
     let mut out = BytesMut::with_capacity(512);
     messages::auth_ok(&mut out);
     // The upstream's real ParameterStatus values (server_version, session_authorization, ...)
     // and any startup notices, exactly as sent.
-    out.extend_from_slice(&upstream.relay);
+    out.extend_from_slice(&upstream.startup);
     messages::backend_key_data(cancel.pid, cancel.secret, &mut out);
-    messages::ready_for_query(upstream.status, &mut out);
+    messages::ready_for_query(b'I', &mut out);
     if let Err(err) = stream.write_all(&out).await {
         tracing::debug!(error = %err, "client went away during startup");
+        // Nothing was sent upstream yet: the connection goes back as it came.
+        crate::pool::Pools::give_back(upstream.stream, upstream.lease, true, shared.clone());
         return Ok(None);
     }
     Ok(Some(Session {
         client: stream,
         upstream: upstream.stream,
-        upstream_key: (upstream.pid, upstream.secret),
+        lease: upstream.lease,
         identity,
         grant,
         policy,

@@ -18,6 +18,7 @@ mod limits;
 mod listener;
 mod metrics;
 mod options;
+mod pool;
 mod prepared;
 mod relay;
 mod reply;

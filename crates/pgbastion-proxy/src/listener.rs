@@ -8,6 +8,7 @@ use crate::decision_cache::DecisionCache;
 use crate::handshake;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, Snapshot};
+use crate::pool::Pools;
 use crate::settings::Settings;
 use pgbastion_audit::{Auditor, Event, Outcome, Record, WriterHandle};
 use pgbastion_auth::Verifier;
@@ -37,6 +38,7 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     pub auditor: Auditor,
     pub limits: Arc<Limits>,
+    pub pools: Pools,
     /// Set at the end of the drain: sessions still running end with 57P01.
     pub terminate: watch::Receiver<bool>,
 }
@@ -75,6 +77,7 @@ impl Shared {
             audit_failures: self.auditor.failures(),
             keys: self.verifier.key_status(),
             config_generation: self.generation(),
+            pools: self.pools.status(),
         }
     }
 }
@@ -151,6 +154,7 @@ impl Proxy {
                 metrics: Metrics::default(),
                 auditor,
                 limits,
+                pools: Pools::default(),
                 terminate: terminated,
             }),
         })
@@ -185,6 +189,7 @@ impl Proxy {
         let admin = self
             .admin
             .map(|listener| tokio::spawn(admin::serve(listener, self.shared.clone())));
+        let maintenance = tokio::spawn(maintain_pools(self.shared.clone()));
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -228,12 +233,28 @@ impl Proxy {
         if let Some(admin) = admin {
             admin.abort();
         }
+        maintenance.abort();
+        self.shared.pools.close_idle().await;
         if !self.shared.auditor.flush(Duration::from_secs(10)).await {
             tracing::error!("the audit log could not be written out before stopping");
         }
         // The writer thread ends with the last auditor clone; it has nothing left to write.
         drop(self.writer);
         tracing::info!("pgbastion stopped");
+    }
+}
+
+/// Idle timeouts, lifetimes and `min_size`, once a second.
+async fn maintain_pools(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let settings = shared.settings();
+        shared
+            .pools
+            .maintain(&settings, shared.generation(), &shared.metrics)
+            .await;
     }
 }
 

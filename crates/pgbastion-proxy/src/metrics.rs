@@ -86,6 +86,7 @@ pub struct Metrics {
     pub upstream_connect_failures: AtomicU64,
     limited: Mutex<BTreeMap<&'static str, u64>>,
     reloads: Mutex<BTreeMap<&'static str, u64>>,
+    pool_events: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -101,6 +102,7 @@ impl Default for Metrics {
             upstream_connect_failures: AtomicU64::new(0),
             limited: Mutex::default(),
             reloads: Mutex::default(),
+            pool_events: Mutex::default(),
         }
     }
 }
@@ -114,6 +116,7 @@ pub struct Snapshot {
     pub audit_failures: u64,
     pub keys: Vec<pgbastion_auth::KeyStatus>,
     pub config_generation: u64,
+    pub pools: Vec<crate::pool::PoolStatus>,
 }
 
 impl Metrics {
@@ -151,6 +154,16 @@ impl Metrics {
             .lock()
             .expect("metrics lock")
             .entry(outcome)
+            .or_default() += 1;
+    }
+
+    /// A pool acquisition (reused, opened, exhausted) or a connection closed, by reason.
+    pub fn pool_event(&self, event: &'static str) {
+        *self
+            .pool_events
+            .lock()
+            .expect("metrics lock")
+            .entry(event)
             .or_default() += 1;
     }
 
@@ -236,6 +249,31 @@ impl Metrics {
             "pgbastion_upstream_connect_failures_total {}",
             self.upstream_connect_failures.load(Ordering::Relaxed)
         );
+        counter(
+            &mut out,
+            "pgbastion_pool_connections",
+            "Upstream connections of each pool, by state.",
+            "gauge",
+        );
+        for pool in &snapshot.pools {
+            for (state, n) in [("idle", pool.idle), ("busy", pool.open - pool.idle)] {
+                let _ = writeln!(
+                    out,
+                    "pgbastion_pool_connections{{role=\"{}\",database=\"{}\",state=\"{state}\"}} {n}",
+                    label(&pool.role),
+                    label(&pool.database)
+                );
+            }
+        }
+        counter(
+            &mut out,
+            "pgbastion_pool_events_total",
+            "Pool acquisitions (reused, opened, exhausted) and connections closed, by reason.",
+            "counter",
+        );
+        for (event, n) in self.pool_events.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "pgbastion_pool_events_total{{event=\"{event}\"}} {n}");
+        }
         counter(
             &mut out,
             "pgbastion_jwks_fetches_total",

@@ -16,6 +16,7 @@ use crate::client_side::{CatalogAccess, ClientToUpstream};
 use crate::executions::Executions;
 use crate::limits::{ConnectionSlot, SessionSlot, StatementRate};
 use crate::listener::Shared;
+use crate::pool::{Lease, Pools};
 use crate::prepared::Book;
 use crate::reply::Refusal;
 use crate::upstream_side::{Expiry, UpstreamToClient};
@@ -39,7 +40,8 @@ pub(crate) const READ_BUFFER: usize = 16 * 1024;
 pub(crate) struct Session {
     pub client: ClientStream,
     pub upstream: UpstreamStream,
-    pub upstream_key: (i32, i32),
+    /// The upstream connection's place in its pool.
+    pub lease: Lease,
     pub identity: Identity,
     pub grant: Grant,
     pub policy: Arc<CompiledPolicy>,
@@ -88,17 +90,32 @@ pub(crate) struct PendingDenial {
 }
 
 /// What the two directions share.
-#[derive(Default)]
 pub(crate) struct Ledger {
     pub denials: VecDeque<PendingDenial>,
     /// Messages forwarded upstream that each end with one ReadyForQuery (Query, Sync, FunctionCall).
     pub sent: u64,
     /// ReadyForQuery messages received.
     pub ready: u64,
+    /// The transaction status of the last ReadyForQuery ('I' idle, 'T' in a transaction,
+    /// 'E' failed).
+    pub status: u8,
     /// The prepared statements, kept up to date by both directions.
     pub book: Book,
     /// Forwarded statements awaiting their outcome.
     pub executions: Executions,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            denials: VecDeque::new(),
+            sent: 0,
+            ready: 0,
+            status: b'I',
+            book: Book::default(),
+            executions: Executions::default(),
+        }
+    }
 }
 
 impl Session {
@@ -106,7 +123,7 @@ impl Session {
         let Session {
             client,
             upstream,
-            upstream_key,
+            lease,
             identity,
             grant,
             policy,
@@ -153,7 +170,7 @@ impl Session {
                 max_age: config.upstream.catalog_refresh,
             });
         let audit = shared.auditor.enabled().then(|| session_json.clone());
-        let (ended, bytes_in, bytes_out) = {
+        let (ended, bytes_in, bytes_out, between_requests, upstream_read) = {
             let mut to_upstream = ClientToUpstream::new(
                 &shared,
                 client_read,
@@ -193,11 +210,21 @@ impl Session {
                 .executions
                 .abandon(&mut to_client.finished);
             to_client.report_finished().await;
-            (ended, to_upstream.bytes, to_client.bytes)
+            let bytes_out = to_client.bytes;
+            (
+                ended,
+                to_upstream.bytes,
+                bytes_out,
+                to_upstream.between_requests(),
+                to_client.into_idle_upstream(),
+            )
         };
-        let busy = {
+        let (busy, idle) = {
             let ledger = ledger.lock().expect("ledger lock");
-            ledger.sent > ledger.ready
+            (
+                ledger.sent > ledger.ready,
+                ledger.sent == ledger.ready && ledger.status == b'I',
+            )
         };
         match &ended {
             Ended::Refused(refusal) => {
@@ -210,14 +237,27 @@ impl Session {
                 // The client vanished mid-statement: without a cancel the upstream would run
                 // the statement to its end before noticing.
                 let target = settings.upstream.clone();
+                let (pid, secret) = (lease.pid, lease.secret);
                 tokio::spawn(async move {
-                    let _ = upstream::cancel(&target, upstream_key.0, upstream_key.1).await;
+                    let _ = upstream::cancel(&target, pid, secret).await;
                 });
             }
             _ => {}
         }
         let _ = client_write.shutdown().await;
-        let _ = upstream_write.shutdown().await;
+        // The connection serves another session only after a clean end: the client said
+        // Terminate between requests, every request was answered, no transaction is open.
+        let clean = matches!(ended, Ended::ClientTerminated) && between_requests && idle;
+        match upstream_read {
+            Some(read) => {
+                let upstream = read.unsplit(upstream_write);
+                Pools::give_back(upstream, lease, clean, shared.clone());
+            }
+            None => {
+                let _ = upstream_write.shutdown().await;
+                drop(lease);
+            }
+        }
         drop(cancel);
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(ended = ?ended, seconds, "session ended");

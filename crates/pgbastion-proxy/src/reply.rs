@@ -39,6 +39,13 @@ pub enum Refusal {
     },
     /// A connection limit (53300).
     Limited(crate::limits::Limited),
+    /// The upstream pool of (role, database) stayed full for `pool.acquire_timeout` (53300).
+    PoolExhausted {
+        role: String,
+        database: String,
+        max: usize,
+        waited: std::time::Duration,
+    },
     /// The proxy is shutting down and the drain timeout passed.
     Shutdown,
     /// Something that should not happen; details are only in the log, under the connection id.
@@ -129,6 +136,14 @@ impl Refusal {
             )
             .hint(format!("tell the pgbastion operator: GRANT {role} TO {gateway} is missing")),
             Refusal::Limited(limited) => fatal(codes::TOO_MANY_CONNECTIONS, limited.message.clone()),
+            Refusal::PoolExhausted { role, database, max, waited } => fatal(
+                codes::TOO_MANY_CONNECTIONS,
+                format!(
+                    "no upstream connection available: all {max} connections of role '{role}' to database '{database}' are in use (waited {} ms)",
+                    waited.as_millis()
+                ),
+            )
+            .hint("retry shortly; if it persists, the pgbastion operator can raise pool.max_size"),
             Refusal::Shutdown => fatal(
                 codes::ADMIN_SHUTDOWN,
                 "terminating connection because pgbastion is shutting down".into(),
@@ -158,6 +173,7 @@ impl Refusal {
             Refusal::ClaimsTooLarge { .. } => "claims_too_large",
             Refusal::GatewayRole { .. } => "gateway_role",
             Refusal::Limited(limited) => limited.limit,
+            Refusal::PoolExhausted { .. } => "pool_exhausted",
             Refusal::Shutdown => "shutdown",
             Refusal::Internal { .. } => "internal",
         }

@@ -29,6 +29,10 @@ pub(crate) struct UpstreamToClient<'a> {
     terminate: watch::Receiver<bool>,
     conn: u64,
     session_json: Arc<str>,
+    /// Bytes read and not yet relayed.
+    buf: BytesMut,
+    /// Inside `process`: when the relay stops there, the stream is mid-message.
+    processing: bool,
     /// Completed executions, reported after each batch.
     pub finished: Vec<Finished>,
     /// Bytes relayed to the client.
@@ -58,13 +62,20 @@ impl<'a> UpstreamToClient<'a> {
             terminate: shared.terminate.clone(),
             conn,
             session_json,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            processing: false,
             finished: Vec::new(),
             bytes: 0,
         }
     }
 
+    /// The upstream stream's read half, if the relay stopped between whole messages with
+    /// nothing unread: then the connection can serve another session.
+    pub fn into_idle_upstream(self) -> Option<ReadHalf<UpstreamStream>> {
+        (!self.processing && self.passthrough == 0 && self.buf.is_empty()).then_some(self.upstream)
+    }
+
     pub async fn run(&mut self) -> Ended {
-        let mut buf = BytesMut::with_capacity(READ_BUFFER);
         // Created once: a timer registered per loop turn would cost a timer-wheel insert and
         // removal for every batch of messages.
         let warn = sleep_until(self.expiry.warn_at);
@@ -74,18 +85,23 @@ impl<'a> UpstreamToClient<'a> {
         let mut terminating = *self.terminate.borrow();
         loop {
             tokio::select! {
-                read = self.upstream.read_buf(&mut buf) => {
+                read = self.upstream.read_buf(&mut self.buf) => {
                     match read {
                         Ok(0) | Err(_) => return Ended::UpstreamClosed,
                         Ok(n) => self.bytes += n as u64,
                     }
-                    match self.process(&mut buf).await {
+                    self.processing = true;
+                    let mut buf = std::mem::take(&mut self.buf);
+                    let processed = self.process(&mut buf).await;
+                    self.buf = buf;
+                    self.processing = false;
+                    match processed {
                         Ok(None) => {}
                         Ok(Some(ended)) => return ended,
                         Err(_) => return Ended::ClientGone,
                     }
-                    if buf.capacity() < READ_BUFFER {
-                        buf.reserve(READ_BUFFER);
+                    if self.buf.capacity() < READ_BUFFER {
+                        self.buf.reserve(READ_BUFFER);
                     }
                 }
                 _ = &mut warn, if !warn_fired => {
@@ -178,6 +194,7 @@ impl<'a> UpstreamToClient<'a> {
                 b'Z' => {
                     let mut ledger = self.ledger.lock().expect("ledger lock");
                     let group = ledger.ready;
+                    ledger.status = body.first().copied().unwrap_or(b'E');
                     // A denial whose sentinel was skipped (an earlier error in the same
                     // pipeline) ends here unanswered, as a skipped message would.
                     while ledger.denials.front().is_some_and(|d| d.group <= group) {

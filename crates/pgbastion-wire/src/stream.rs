@@ -89,3 +89,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         }
     }
 }
+
+impl UpstreamStream {
+    /// True when the socket is open and holds no unread bytes: what an idle connection must
+    /// look like before it is reused. A closed socket (the server ended the session) or a
+    /// message nobody asked for (a FATAL before the close) both fail.
+    pub fn is_quiet(&self) -> bool {
+        let tcp = match self {
+            MaybeTls::Plain(tcp) => tcp,
+            MaybeTls::Tls(tls) => tls.get_ref().0,
+        };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        // The socket is non-blocking: a peek returns at once, WouldBlock when nothing is there.
+        match socket2::SockRef::from(tcp).peek(&mut probe) {
+            Err(err) => err.kind() == io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        }
+    }
+}

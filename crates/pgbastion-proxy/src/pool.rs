@@ -1,0 +1,600 @@
+//! Upstream connection pools, one per (login role, database), shared by every identity that
+//! logs in as that role. A connection serves one client session at a time (session mode).
+//!
+//! A connection is reused only by a client whose startup parameters (application_name,
+//! client_encoding, DateStyle, ..., the read-only default, and in gateway mode the identity)
+//! are exactly those it logged in with. Startup values are the session's defaults, which RESET
+//! and DISCARD ALL return to, so a reused connection behaves exactly like a fresh one, and in
+//! gateway mode one identity's connection never serves another. When the pool is full and no
+//! idle connection matches, the oldest idle one is closed to make room.
+//!
+//! A connection goes back only after a clean end (the client sent Terminate with nothing in
+//! flight and no transaction open) and a successful reset (`pool.reset_query`, DISCARD ALL);
+//! anything else closes it. Before reuse it must be quiet (open, no unread bytes) and, after
+//! `health_check_after` idle, answer an empty query.
+
+use crate::listener::Shared;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use bytes::BytesMut;
+use pgbastion_config::Pool as PoolConfig;
+use pgbastion_wire::frame::{read_message, Fields};
+use pgbastion_wire::messages;
+use pgbastion_wire::stream::UpstreamStream;
+use pgbastion_wire::upstream::{self, Login, UpstreamError};
+use pgbastion_wire::WireError;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+type Parameters = Vec<(String, String)>;
+
+/// Largest message the pool reads itself (reset and health-check answers).
+const MAX_MESSAGE: usize = 1024 * 1024;
+
+/// Every pool of one proxy.
+#[derive(Debug, Default)]
+pub(crate) struct Pools {
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    role: String,
+    database: String,
+    state: Mutex<State>,
+    /// Signalled when a connection goes back idle or closes: a waiting client looks again.
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Connections open: in use, idle, or being opened or reset.
+    open: usize,
+    /// Idle connections, the most recently returned last.
+    idle: Vec<Idle>,
+    /// The startup parameters of the latest client, to refill to `min_size` with.
+    latest: Option<Arc<Parameters>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    stream: UpstreamStream,
+    lease: Lease,
+    since: Instant,
+}
+
+/// A pooled connection's place in its pool and what the pool knows about it; travels with
+/// the connection's stream.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    slot: Slot,
+    /// The upstream's BackendKeyData, for cancel requests.
+    pub pid: i32,
+    pub secret: i32,
+    /// The startup parameters it logged in with, sorted.
+    parameters: Arc<Parameters>,
+    /// ParameterStatus values as the server last reported them (before the client's own
+    /// changes: a reset returns to them).
+    status: Vec<(String, String)>,
+    created: Instant,
+    /// The configuration generation it was opened under: a reload may change the upstream
+    /// address or credentials, so older connections are not reused.
+    generation: u64,
+}
+
+/// Counts one open connection; closing (dropping) it wakes a waiting client.
+#[derive(Debug)]
+struct Slot(Arc<Pool>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("pool lock").open -= 1;
+        self.0.changed.notify_one();
+    }
+}
+
+/// A connection for a client session.
+#[derive(Debug)]
+pub(crate) struct Checkout {
+    pub stream: UpstreamStream,
+    pub lease: Lease,
+    /// What the client receives after AuthenticationOk: the server's ParameterStatus
+    /// messages (and, from a fresh login, its notices), as sent.
+    pub startup: BytesMut,
+    pub reused: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AcquireError {
+    #[error("all {max} upstream connections of the pool are in use (waited {waited:?})")]
+    Exhausted { max: usize, waited: Duration },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// What a pool looks like now, for metrics.
+#[derive(Debug, Default, Clone)]
+pub struct PoolStatus {
+    pub role: String,
+    pub database: String,
+    pub open: usize,
+    pub idle: usize,
+}
+
+enum Step {
+    Reuse(Idle),
+    Open(Slot),
+    Wait,
+}
+
+impl Pools {
+    fn all(&self) -> Vec<Arc<Pool>> {
+        let pools = self.pools.lock().expect("pools lock");
+        pools.values().cloned().collect()
+    }
+
+    fn pool(&self, role: &str, database: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().expect("pools lock");
+        pools
+            .entry((role.to_string(), database.to_string()))
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    role: role.to_string(),
+                    database: database.to_string(),
+                    state: Mutex::default(),
+                    changed: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// A connection logged in as `login`: an idle one with the same startup parameters, a
+    /// new one while the pool has room, else the first to come free within
+    /// `pool.acquire_timeout`.
+    pub async fn acquire(
+        &self,
+        settings: &Settings,
+        login: Login<'_>,
+        generation: u64,
+        metrics: &Metrics,
+    ) -> Result<Checkout, AcquireError> {
+        let config = &settings.config.pool;
+        let pool = self.pool(login.user, login.database);
+        let mut parameters = login.parameters.to_vec();
+        parameters.sort();
+        let parameters = Arc::new(parameters);
+        let started = Instant::now();
+        let deadline = started + config.acquire_timeout;
+        loop {
+            let changed = pool.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (step, evicted) = pool.next_step(&parameters, config.max_size, generation);
+            if let Some(evicted) = evicted {
+                metrics.pool_event("closed_to_make_room");
+                tokio::spawn(terminate(evicted));
+            }
+            match step {
+                Step::Reuse(mut idle) => {
+                    match usable(&mut idle, config, generation, settings).await {
+                        Ok(()) => {
+                            metrics.pool_event("reused");
+                            let mut startup = BytesMut::new();
+                            for (name, value) in &idle.lease.status {
+                                messages::parameter_status(name, value, &mut startup);
+                            }
+                            return Ok(Checkout {
+                                stream: idle.stream,
+                                lease: idle.lease,
+                                startup,
+                                reused: true,
+                            });
+                        }
+                        Err(reason) => {
+                            metrics.pool_event(reason);
+                            close(idle.stream, idle.lease);
+                        }
+                    }
+                }
+                Step::Open(slot) => {
+                    let (stream, lease, startup) =
+                        open(slot, settings, login, parameters, generation, metrics).await?;
+                    metrics.pool_event("opened");
+                    return Ok(Checkout {
+                        stream,
+                        lease,
+                        startup,
+                        reused: false,
+                    });
+                }
+                Step::Wait => {
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        metrics.pool_event("exhausted");
+                        return Err(AcquireError::Exhausted {
+                            max: config.max_size,
+                            waited: started.elapsed(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a connection back after its session. `clean`: the session ended with nothing in
+    /// flight and no transaction open; the connection is then reset and kept idle (in a task
+    /// of its own, so the client is not kept waiting). Otherwise it is closed.
+    pub fn give_back(stream: UpstreamStream, lease: Lease, clean: bool, shared: Arc<Shared>) {
+        if !clean {
+            shared.metrics.pool_event("closed_unclean_end");
+            close(stream, lease);
+            return;
+        }
+        tokio::spawn(async move {
+            let (mut stream, mut lease) = (stream, lease);
+            let settings = shared.settings();
+            let config = &settings.config.pool;
+            if let Err(reason) = keepable(&lease, config, shared.generation()) {
+                shared.metrics.pool_event(reason);
+                close(stream, lease);
+                return;
+            }
+            let reset = exchange(&mut stream, &mut lease, &config.reset_query);
+            match tokio::time::timeout(settings.upstream.connect_timeout, reset).await {
+                Ok(Ok(())) => lease.slot.0.clone().put_idle(stream, lease),
+                failed => {
+                    if let Ok(Err(err)) = &failed {
+                        tracing::warn!(error = %err, "pool reset query failed; connection closed");
+                    }
+                    shared.metrics.pool_event("closed_reset_failed");
+                    close(stream, lease);
+                }
+            }
+        });
+    }
+
+    /// Closes idle connections past `idle_timeout` (down to `min_size`) or `max_lifetime`,
+    /// or from before a reload, and opens connections up to `min_size`. Called every second.
+    pub async fn maintain(&self, settings: &Settings, generation: u64, metrics: &Metrics) {
+        let config = &settings.config.pool;
+        for pool in self.all() {
+            let (expired, refill) = pool.expire(config, generation);
+            for (idle, reason) in expired {
+                metrics.pool_event(reason);
+                close(idle.stream, idle.lease);
+            }
+            let Some((slots, parameters)) = refill else {
+                continue;
+            };
+            let Some(password) = settings.role_passwords.get(&pool.role) else {
+                continue;
+            };
+            for slot in slots {
+                let login = Login {
+                    user: &pool.role,
+                    password: password.expose(),
+                    database: &pool.database,
+                    parameters: &parameters,
+                };
+                match open(
+                    slot,
+                    settings,
+                    login,
+                    parameters.clone(),
+                    generation,
+                    metrics,
+                )
+                .await
+                {
+                    Ok((stream, lease, _)) => {
+                        metrics.pool_event("opened_min_size");
+                        pool.clone().put_idle(stream, lease);
+                    }
+                    Err(err) => {
+                        tracing::warn!(role = %pool.role, database = %pool.database, error = %err, "opening a pool connection failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every idle connection (at shutdown).
+    pub async fn close_idle(&self) {
+        let mut closing = tokio::task::JoinSet::new();
+        for pool in self.all() {
+            let idle = std::mem::take(&mut pool.state.lock().expect("pool lock").idle);
+            for idle in idle {
+                closing.spawn(async move {
+                    terminate(idle.stream).await;
+                    drop(idle.lease);
+                });
+            }
+        }
+        closing.join_all().await;
+    }
+
+    pub fn status(&self) -> Vec<PoolStatus> {
+        let pools = self.pools.lock().expect("pools lock");
+        let mut status: Vec<PoolStatus> = pools
+            .values()
+            .map(|pool| {
+                let state = pool.state.lock().expect("pool lock");
+                PoolStatus {
+                    role: pool.role.clone(),
+                    database: pool.database.clone(),
+                    open: state.open,
+                    idle: state.idle.len(),
+                }
+            })
+            .collect();
+        status.sort_by(|a, b| (&a.role, &a.database).cmp(&(&b.role, &b.database)));
+        status
+    }
+}
+
+impl Pool {
+    /// Under the lock: what to do next, and an idle connection to close to make room.
+    fn next_step(
+        self: &Arc<Self>,
+        parameters: &Arc<Parameters>,
+        max: usize,
+        generation: u64,
+    ) -> (Step, Option<UpstreamStream>) {
+        let mut state = self.state.lock().expect("pool lock");
+        state.latest = Some(parameters.clone());
+        if let Some(i) = state.idle.iter().rposition(|idle| {
+            idle.lease.parameters == *parameters && idle.lease.generation == generation
+        }) {
+            return (Step::Reuse(state.idle.remove(i)), None);
+        }
+        if state.open < max {
+            state.open += 1;
+            return (Step::Open(Slot(self.clone())), None);
+        }
+        if !state.idle.is_empty() {
+            // Full, and no idle connection fits: the oldest makes room and hands its slot on.
+            let Idle { stream, lease, .. } = state.idle.remove(0);
+            return (Step::Open(lease.slot), Some(stream));
+        }
+        (Step::Wait, None)
+    }
+
+    fn put_idle(self: Arc<Self>, stream: UpstreamStream, lease: Lease) {
+        self.state.lock().expect("pool lock").idle.push(Idle {
+            stream,
+            lease,
+            since: Instant::now(),
+        });
+        self.changed.notify_one();
+    }
+
+    /// Under the lock: the idle connections to close, and the slots to refill to `min_size`.
+    #[allow(clippy::type_complexity)]
+    fn expire(
+        self: &Arc<Self>,
+        config: &PoolConfig,
+        generation: u64,
+    ) -> (
+        Vec<(Idle, &'static str)>,
+        Option<(Vec<Slot>, Arc<Parameters>)>,
+    ) {
+        let mut state = self.state.lock().expect("pool lock");
+        let mut expired = Vec::new();
+        let mut i = 0;
+        while i < state.idle.len() {
+            let idle = &state.idle[i];
+            let reason = match keepable(&idle.lease, config, generation) {
+                Err(reason) => Some(reason),
+                Ok(())
+                    if idle.since.elapsed() >= config.idle_timeout
+                    // Counted as still open until closed: the pool keeps `min_size`.
+                    && state.open - expired.len() > config.min_size =>
+                {
+                    Some("closed_idle_timeout")
+                }
+                Ok(()) => None,
+            };
+            match reason {
+                Some(reason) => expired.push((state.idle.remove(i), reason)),
+                None => i += 1,
+            }
+        }
+        let open_after = state.open - expired.len();
+        let refill = match (&state.latest, config.min_size.checked_sub(open_after)) {
+            (Some(latest), Some(missing)) if missing > 0 => {
+                let parameters = latest.clone();
+                state.open += missing;
+                let slots = (0..missing).map(|_| Slot(self.clone())).collect();
+                Some((slots, parameters))
+            }
+            _ => None,
+        };
+        (expired, refill)
+    }
+}
+
+/// Whether a connection may be kept at all: not from before a reload, not past its lifetime,
+/// and pooling not switched off.
+fn keepable(lease: &Lease, config: &PoolConfig, generation: u64) -> Result<(), &'static str> {
+    if config.idle_timeout.is_zero() {
+        return Err("closed_not_pooled");
+    }
+    if lease.generation != generation {
+        return Err("closed_after_reload");
+    }
+    if lease.created.elapsed() >= config.max_lifetime {
+        return Err("closed_max_lifetime");
+    }
+    Ok(())
+}
+
+/// Whether an idle connection may serve a new client.
+async fn usable(
+    idle: &mut Idle,
+    config: &PoolConfig,
+    generation: u64,
+    settings: &Settings,
+) -> Result<(), &'static str> {
+    keepable(&idle.lease, config, generation)?;
+    if !idle.stream.is_quiet() {
+        return Err("closed_health_check");
+    }
+    if idle.since.elapsed() >= config.health_check_after {
+        let check = exchange(&mut idle.stream, &mut idle.lease, "");
+        match tokio::time::timeout(settings.upstream.connect_timeout, check).await {
+            Ok(Ok(())) => {}
+            _ => return Err("closed_health_check"),
+        }
+    }
+    Ok(())
+}
+
+/// Logs in a new connection for `slot`.
+async fn open(
+    slot: Slot,
+    settings: &Settings,
+    login: Login<'_>,
+    parameters: Arc<Parameters>,
+    generation: u64,
+    metrics: &Metrics,
+) -> Result<(UpstreamStream, Lease, BytesMut), UpstreamError> {
+    let connecting = Instant::now();
+    let connected = upstream::connect(&settings.upstream, login).await;
+    metrics.upstream_connect.observe(connecting.elapsed());
+    let connection = connected.inspect_err(|_| {
+        metrics
+            .upstream_connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+    })?;
+    if connection.status != b'I' {
+        return Err(UpstreamError::Wire(WireError::protocol(
+            "upstream login did not end idle",
+        )));
+    }
+    let lease = Lease {
+        slot,
+        pid: connection.pid,
+        secret: connection.secret,
+        parameters,
+        status: parameter_statuses(&connection.relay),
+        created: Instant::now(),
+        generation,
+    };
+    Ok((connection.stream, lease, connection.relay))
+}
+
+/// The ParameterStatus values among the login's messages.
+fn parameter_statuses(relay: &[u8]) -> Vec<(String, String)> {
+    let mut status = Vec::new();
+    let mut rest = relay;
+    while let Ok(Some((tag, total))) = pgbastion_wire::frame::header(rest) {
+        if total > rest.len() {
+            break;
+        }
+        if tag == b'S' {
+            let mut fields = Fields::new(&rest[5..total]);
+            if let (Ok(name), Ok(value)) = (fields.cstr(), fields.cstr()) {
+                set_status(&mut status, name, value);
+            }
+        }
+        rest = &rest[total..];
+    }
+    status
+}
+
+fn set_status(status: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match status.iter_mut().find(|(n, _)| n == name) {
+        Some(entry) => entry.1 = value.to_string(),
+        None => status.push((name.to_string(), value.to_string())),
+    }
+}
+
+/// Runs `sql` as a simple query and reads to ReadyForQuery; it must succeed and leave the
+/// connection idle. ParameterStatus reports on the way (a reset returning settings to their
+/// defaults) are remembered for the next client.
+async fn exchange(
+    stream: &mut UpstreamStream,
+    lease: &mut Lease,
+    sql: &str,
+) -> Result<(), WireError> {
+    let mut out = BytesMut::new();
+    let mut text = Vec::with_capacity(sql.len() + 1);
+    text.extend_from_slice(sql.as_bytes());
+    text.push(0);
+    messages::raw(b'Q', &text, &mut out);
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    let mut failed = None;
+    loop {
+        let (tag, body) = read_message(stream, "upstream message", MAX_MESSAGE).await?;
+        match tag {
+            b'S' => {
+                let mut fields = Fields::new(&body);
+                set_status(&mut lease.status, fields.cstr()?, fields.cstr()?);
+            }
+            b'E' => {
+                let fields = messages::error_fields(&body).unwrap_or_default();
+                failed = Some(
+                    messages::error_field(&fields, b'M')
+                        .unwrap_or("an error")
+                        .to_string(),
+                );
+            }
+            b'G' | b'H' | b'W' => {
+                return Err(WireError::protocol("the query started a COPY"));
+            }
+            b'Z' => {
+                return match (failed, body.first()) {
+                    (Some(message), _) => Err(WireError::protocol(message)),
+                    (None, Some(b'I')) => Ok(()),
+                    (None, _) => Err(WireError::protocol("the query left a transaction open")),
+                };
+            }
+            // Results, notices, notifications: nothing the next client should see.
+            _ => {}
+        }
+    }
+}
+
+/// Closes a connection in the background; its slot is freed once the socket is closed.
+fn close(stream: UpstreamStream, lease: Lease) {
+    tokio::spawn(async move {
+        terminate(stream).await;
+        drop(lease);
+    });
+}
+
+/// Terminate, then close the socket (TLS close_notify included), without waiting long.
+async fn terminate(mut stream: UpstreamStream) {
+    let goodbye = async {
+        stream.write_all(&[b'X', 0, 0, 0, 4]).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_statuses_are_read_from_the_login_messages() {
+        let mut relay = BytesMut::new();
+        messages::parameter_status("TimeZone", "UTC", &mut relay);
+        messages::raw(b'N', b"SNOTICE\0\0", &mut relay);
+        messages::parameter_status("application_name", "psql", &mut relay);
+        messages::parameter_status("TimeZone", "Europe/Paris", &mut relay);
+        assert_eq!(
+            parameter_statuses(&relay),
+            vec![
+                ("TimeZone".to_string(), "Europe/Paris".to_string()),
+                ("application_name".to_string(), "psql".to_string()),
+            ]
+        );
+    }
+}
