@@ -15,7 +15,7 @@ mod validate;
 
 pub use model::*;
 pub use operations::*;
-pub use pool::Pool;
+pub use pool::{Pool, PoolMode, RolePool};
 pub use secret::{Secret, SecretError, SecretSource};
 pub use validate::{Problem, Problems};
 

@@ -2,12 +2,35 @@
 //! logs in as that role.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// How long a client holds an upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// For its whole session.
+    Session,
+    /// For each transaction; a session that creates session state (SET, LISTEN, PREPARE,
+    /// temporary tables, ...) keeps its connection from then on.
+    Transaction,
+}
+
+/// Settings of the pools of one login role, over the `[pool]` defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolePool {
+    pub mode: Option<PoolMode>,
+    pub max_size: Option<usize>,
+}
 
 /// How pooled upstream connections are kept and reused. Every key takes effect at a reload.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pool {
+    /// Session (default) or transaction pooling.
+    #[serde(default = "defaults::mode")]
+    pub mode: PoolMode,
     /// Upstream connections of one (login role, database) at most, in use and idle.
     #[serde(default = "defaults::max_size")]
     pub max_size: usize,
@@ -32,11 +55,26 @@ pub struct Pool {
     /// Run on a connection before it goes back to the pool; it must leave no session state.
     #[serde(default = "defaults::reset_query")]
     pub reset_query: String,
+    /// Per login role (the mapped role, or the gateway role): `mode` and `max_size`.
+    #[serde(default)]
+    pub roles: BTreeMap<String, RolePool>,
+}
+
+impl Pool {
+    /// The mode and size of the pools of `role`.
+    pub fn for_role(&self, role: &str) -> (PoolMode, usize) {
+        let own = self.roles.get(role);
+        (
+            own.and_then(|r| r.mode).unwrap_or(self.mode),
+            own.and_then(|r| r.max_size).unwrap_or(self.max_size),
+        )
+    }
 }
 
 impl Default for Pool {
     fn default() -> Self {
         Pool {
+            mode: defaults::mode(),
             max_size: defaults::max_size(),
             min_size: 0,
             acquire_timeout: defaults::acquire_timeout(),
@@ -44,6 +82,7 @@ impl Default for Pool {
             max_lifetime: defaults::max_lifetime(),
             health_check_after: defaults::health_check_after(),
             reset_query: defaults::reset_query(),
+            roles: BTreeMap::new(),
         }
     }
 }
@@ -51,6 +90,9 @@ impl Default for Pool {
 mod defaults {
     use super::*;
 
+    pub fn mode() -> PoolMode {
+        PoolMode::Session
+    }
     pub fn max_size() -> usize {
         100
     }

@@ -94,6 +94,17 @@ fn operations(config: &Config, out: &mut Collector) {
     if pool.max_size == 0 {
         out.add("pool.max_size", "must be at least 1");
     }
+    for (role, own) in &pool.roles {
+        if own.max_size == Some(0) {
+            out.add(format!("pool.roles.{role}.max_size"), "must be at least 1");
+        }
+        if !config.upstream.roles.contains_key(role) {
+            out.add(
+                format!("pool.roles.{role}"),
+                "names no role of [upstream.roles]: pgbastion never logs in as it",
+            );
+        }
+    }
     if pool.min_size > pool.max_size {
         out.add("pool.min_size", "must not exceed pool.max_size");
     }

@@ -38,6 +38,10 @@ pub struct Effects {
     /// SQL-level prepared statements created, run and removed, in statement order: the
     /// proxy keeps a book of what each name holds.
     pub prepared: Vec<PreparedOp>,
+    /// The request may leave state that outlives its transaction (a setting, a temporary
+    /// table, a prepared statement or cursor, LISTEN, a session advisory lock, anything not
+    /// analysed): a transaction pool then keeps the session on its connection.
+    pub session_state: bool,
 }
 
 /// A statement's use of a prepared statement, by normalised name.
@@ -195,6 +199,8 @@ fn decide_request(
             )
         }
     };
+    // Unknown until the analysis says otherwise.
+    effects.session_state = true;
     let statements =
         match analyze(sql) {
             Ok(statements) => statements,
@@ -227,6 +233,7 @@ fn decide_request(
         classes.extend(statement.classes.iter().map(|c| c.as_str()));
         relations.extend(statement.reads.iter().chain(&statement.writes));
     }
+    effects.session_state = statements.iter().any(leaves_session_state);
     effects.classes = classes.into_iter().collect();
     effects.relations = relations.into_iter().map(|r| r.to_string()).collect();
     for statement in &statements {
@@ -262,6 +269,40 @@ fn decide_request(
         }
     }
     Decision::Allow
+}
+
+/// Functions whose effect outlives the transaction: settings, session advisory locks, the
+/// random seed, remote connections, the sequence values a session last saw.
+const SESSION_FUNCTIONS: &[&str] = &[
+    "set_config",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "setseed",
+    "currval",
+    "lastval",
+    "dblink_connect",
+    "dblink_connect_u",
+    "dblink_open",
+];
+
+/// Whether a statement may leave state behind after its transaction. Reads, writes and
+/// transaction control do not, unless they call a function that does; every other class
+/// (SET, LISTEN, PREPARE, DECLARE, DDL such as CREATE TEMP TABLE, DO, CALL, ...) may.
+fn leaves_session_state(info: &StatementInfo) -> bool {
+    info.classes.iter().any(|c| {
+        !matches!(
+            c,
+            StatementClass::Read | StatementClass::Write | StatementClass::Transaction
+        )
+    }) || info
+        .calls
+        .iter()
+        .any(|call| SESSION_FUNCTIONS.contains(&call.name.name.as_str()))
 }
 
 const WRITING: &[StatementClass] = &[

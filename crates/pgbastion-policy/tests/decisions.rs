@@ -342,7 +342,7 @@ fn engineers_may_write_with_where_but_no_ddl() {
 #[test]
 fn unparsable_statements_are_denied_and_never_forwarded() {
     for sql in [
-        "DO $$ BEGIN PERFORM 1; END $$",
+        "CALL refresh_everything()",
         "SELEC 1",
         "SELECT 'unterminated",
     ] {
@@ -816,4 +816,49 @@ fn merge_without_a_real_condition_notify_by_function_and_created_tables_are_deci
             ("CREATE TABLE public.copy AS SELECT 1", None),
         ],
     );
+}
+
+#[test]
+fn statements_that_may_leave_session_state_are_told_apart() {
+    let admins = admins();
+    let search_path = vec!["public".to_string()];
+    let principal = Principal {
+        user: "someone",
+        role: "someone",
+        policy: &admins,
+        search_path: &search_path,
+        catalog: None,
+    };
+    let leaves = |sql: &str| {
+        let (decision, effects) = decide_with_effects(&principal, &Request::Query(sql));
+        assert_eq!(decision, Decision::Allow, "{sql}");
+        effects.session_state
+    };
+    for sql in [
+        "SELECT 1",
+        "SELECT * FROM orders WHERE id = 1",
+        "INSERT INTO orders (id) VALUES (1)",
+        "BEGIN; UPDATE orders SET amount = 1 WHERE id = 2; COMMIT",
+        "END",
+        "SELECT pg_advisory_xact_lock(1)",
+        "COPY orders TO STDOUT",
+    ] {
+        assert!(!leaves(sql), "{sql} leaves no session state");
+    }
+    for sql in [
+        "SET work_mem = '8MB'",
+        "SET LOCAL work_mem = '8MB'",
+        "RESET ALL",
+        "SELECT set_config('search_path', 'x', false)",
+        "SELECT pg_advisory_lock(1)",
+        "SELECT pg_catalog.pg_try_advisory_lock(1)",
+        "CREATE TEMP TABLE t (x int)",
+        "PREPARE p AS SELECT 1",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        "LISTEN channel",
+        "CALL refresh_everything()",
+        "SELECT 1; SET search_path = public",
+    ] {
+        assert!(leaves(sql), "{sql} may leave session state");
+    }
 }

@@ -10,8 +10,9 @@ use subtle::ConstantTimeEq;
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     secret: i32,
-    upstream_pid: i32,
-    upstream_secret: i32,
+    /// The upstream connection the session is using; None between transactions of a
+    /// transaction pool (nothing runs, so there is nothing to cancel).
+    upstream: Option<(i32, i32)>,
 }
 
 #[derive(Debug, Default)]
@@ -27,6 +28,21 @@ pub struct CancelKey {
     pub secret: i32,
 }
 
+impl CancelKey {
+    /// The session moved to another upstream connection, or to none.
+    pub fn set_upstream(&self, upstream: Option<(i32, i32)>) {
+        if let Some(entry) = self
+            .registry
+            .entries
+            .lock()
+            .expect("cancel registry lock")
+            .get_mut(&self.pid)
+        {
+            entry.upstream = upstream;
+        }
+    }
+}
+
 impl Drop for CancelKey {
     fn drop(&mut self) {
         self.registry
@@ -38,8 +54,8 @@ impl Drop for CancelKey {
 }
 
 impl CancelRegistry {
-    /// Issues a fresh (pid, secret) for a session whose upstream key is (pid, secret).
-    pub fn register(self: &Arc<Self>, upstream_pid: i32, upstream_secret: i32) -> CancelKey {
+    /// Issues a fresh (pid, secret) for a session whose upstream key is `upstream`.
+    pub fn register(self: &Arc<Self>, upstream: Option<(i32, i32)>) -> CancelKey {
         let mut rng = rand::rng();
         let mut entries = self.entries.lock().expect("cancel registry lock");
         let pid = loop {
@@ -49,14 +65,7 @@ impl CancelRegistry {
             }
         };
         let secret = rng.random::<i32>();
-        entries.insert(
-            pid,
-            Entry {
-                secret,
-                upstream_pid,
-                upstream_secret,
-            },
-        );
+        entries.insert(pid, Entry { secret, upstream });
         CancelKey {
             registry: self.clone(),
             pid,
@@ -76,7 +85,11 @@ impl CancelRegistry {
             .to_be_bytes()
             .ct_eq(&secret.to_be_bytes())
             .into();
-        matches.then_some((entry.upstream_pid, entry.upstream_secret))
+        if matches {
+            entry.upstream
+        } else {
+            None
+        }
     }
 }
 
@@ -87,7 +100,7 @@ mod tests {
     #[test]
     fn only_the_right_key_maps_to_the_upstream_and_it_expires_with_the_session() {
         let registry = Arc::new(CancelRegistry::default());
-        let key = registry.register(4242, 7);
+        let key = registry.register(Some((4242, 7)));
         assert_eq!(registry.lookup(key.pid, key.secret), Some((4242, 7)));
         assert_eq!(registry.lookup(key.pid, key.secret.wrapping_add(1)), None);
         let (pid, secret) = (key.pid, key.secret);

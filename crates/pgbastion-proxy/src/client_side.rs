@@ -10,6 +10,7 @@ use crate::prepared::{About, Approved};
 use crate::relay::{
     name_is_acceptable, statement_name, Ended, Ledger, PendingDenial, READ_BUFFER, WHOLE_MESSAGE,
 };
+use crate::renaming::{close_message, ClientStatements, Definition, NO_STATEMENT};
 use crate::reply::Refusal;
 use bytes::{Buf, BytesMut};
 use pgbastion_audit::{Event, StatementRecord, StatementStatus};
@@ -43,7 +44,16 @@ pub(crate) struct CatalogAccess<'a> {
 pub(crate) struct ClientToUpstream<'a> {
     shared: &'a Shared,
     client: ReadHalf<ClientStream>,
-    upstream: &'a mut WriteHalf<UpstreamStream>,
+    /// None between transactions of a transaction-pooled session.
+    upstream: Option<WriteHalf<UpstreamStream>>,
+    /// Bytes read from the client and not yet handled.
+    buf: BytesMut,
+    /// Transaction pooling: statements are renamed (see `renaming`) and the connection is
+    /// released between transactions until the session creates session state.
+    transaction_pool: bool,
+    statements: ClientStatements,
+    /// Counts the connections the session has been attached to (transaction pooling).
+    cycle: u64,
     ledger: &'a Mutex<Ledger>,
     sentinel: &'a str,
     user: &'a str,
@@ -91,7 +101,7 @@ impl<'a> ClientToUpstream<'a> {
     pub fn new(
         shared: &'a Shared,
         client: ReadHalf<ClientStream>,
-        upstream: &'a mut WriteHalf<UpstreamStream>,
+        upstream: Option<WriteHalf<UpstreamStream>>,
         ledger: &'a Mutex<Ledger>,
         sentinel: &'a str,
         user: &'a str,
@@ -105,11 +115,16 @@ impl<'a> ClientToUpstream<'a> {
         conn: u64,
         audit: Option<Arc<str>>,
         generation: u64,
+        transaction_pool: bool,
     ) -> Self {
         ClientToUpstream {
             shared,
             client,
             upstream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            transaction_pool,
+            statements: ClientStatements::default(),
+            cycle: 0,
             ledger,
             sentinel,
             user,
@@ -142,22 +157,54 @@ impl<'a> ClientToUpstream<'a> {
         self.passthrough == 0 && !self.skipping && !self.unsynced
     }
 
+    /// Starts forwarding to a connection (transaction pooling).
+    pub fn attach(&mut self, upstream: WriteHalf<UpstreamStream>) {
+        self.upstream = Some(upstream);
+        self.cycle += 1;
+    }
+
+    /// Gives the connection back (after a release, or at the end).
+    pub fn detach(&mut self) -> Option<WriteHalf<UpstreamStream>> {
+        self.upstream.take()
+    }
+
     pub async fn run(&mut self) -> Ended {
-        let mut buf = BytesMut::with_capacity(READ_BUFFER);
         loop {
-            match self.client.read_buf(&mut buf).await {
+            // Bytes left from before a release or attach are handled before reading more.
+            if !self.buf.is_empty() {
+                match self.process_batch().await {
+                    Ok(None) => {}
+                    Ok(Some(ended)) => return ended,
+                    Err(_) => return Ended::UpstreamClosed,
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < READ_BUFFER / 4 {
+                self.buf.reserve(READ_BUFFER);
+            }
+            match self.client.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Ended::ClientGone,
                 Ok(n) => self.bytes += n as u64,
             }
-            match self.process(&mut buf).await {
-                Ok(None) => {}
-                Ok(Some(ended)) => return ended,
-                Err(_) => return Ended::UpstreamClosed,
-            }
-            if buf.capacity() < READ_BUFFER {
-                buf.reserve(READ_BUFFER);
+        }
+    }
+
+    /// Handles what `buf` holds; under transaction pooling, keeps the ledger told whether the
+    /// client is between requests and releases the connection when the transaction is over.
+    async fn process_batch(&mut self) -> std::io::Result<Option<Ended>> {
+        if self.transaction_pool {
+            self.ledger.lock().expect("ledger lock").client_between = false;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let processed = self.process(&mut buf).await;
+        self.buf = buf;
+        if self.transaction_pool {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            ledger.client_between = self.between_requests();
+            if matches!(processed, Ok(None)) && self.upstream.is_some() && ledger.releasable() {
+                return Ok(Some(Ended::Release));
             }
         }
+        processed
     }
 
     /// Forwards or decides every complete message in `buf`; returns how the session ends, if it does.
@@ -184,6 +231,10 @@ impl<'a> ClientToUpstream<'a> {
                 Ok(None) => break,
                 Err(err) => return Ok(Some(Ended::Refused(Refusal::from(err)))),
             };
+            if self.upstream.is_none() && tag != b'X' {
+                // Transaction pooling between transactions: nothing was taken from `buf` yet.
+                return Ok(Some(Ended::NeedUpstream));
+            }
             let available = buf.len() - ready;
             let inspect = matches!(tag, b'Q' | b'P' | b'F');
             if inspect && total - HEADER_LEN > self.max_statement {
@@ -215,6 +266,18 @@ impl<'a> ClientToUpstream<'a> {
                         self.flush_ready(buf, &mut ready).await?;
                         self.deny_bind(names, report).await?;
                         self.passthrough = total;
+                        continue;
+                    }
+                    if self.transaction_pool {
+                        // Renamed: a new header and names, then the parameters as they come.
+                        let mut fields = Fields::new(&buf[ready + HEADER_LEN..]);
+                        let portal = fields.cstr().unwrap_or_default().to_string();
+                        let name = fields.cstr().unwrap_or_default().to_string();
+                        let head = HEADER_LEN + portal.len() + name.len() + 2;
+                        self.forward_bind(buf, &mut ready, total, &portal, &name, None)
+                            .await?;
+                        self.unsynced = true;
+                        self.passthrough = total - head;
                         continue;
                     }
                 }
@@ -256,6 +319,29 @@ impl<'a> ClientToUpstream<'a> {
             match tag {
                 b'Q' | b'P' | b'F' => match self.decide(tag, body).await {
                     Ok(()) => {
+                        // Under transaction pooling, a statement that may leave session state
+                        // keeps the session on its connection from now on.
+                        let pin = self.transaction_pool
+                            && self.last_verdict.as_ref().is_none_or(|v| v.1.session_state);
+                        if pin {
+                            self.ledger.lock().expect("ledger lock").releasing = false;
+                        }
+                        if tag == b'P' && self.transaction_pool {
+                            let parse = messages::parse_message(body)
+                                .map(|p| (p.statement.to_string(), p.query.len()));
+                            if let Ok((name, query_len)) = parse {
+                                let query = &body[name.len() + 1..name.len() + 1 + query_len];
+                                let types = &body[name.len() + query_len + 2..];
+                                let definition = Definition::new(
+                                    !name.is_empty(),
+                                    std::str::from_utf8(query).unwrap_or_default(),
+                                    types,
+                                );
+                                self.forward_parse(buf, &mut ready, total, &name, definition)
+                                    .await?;
+                                continue;
+                            }
+                        }
                         if tag != b'P' {
                             let mut ledger = self.ledger.lock().expect("ledger lock");
                             if tag == b'Q' {
@@ -306,6 +392,16 @@ impl<'a> ClientToUpstream<'a> {
                     return Ok(Some(Ended::ClientTerminated));
                 }
                 b'B' => match self.check_bind(body).await {
+                    Ok(()) if self.transaction_pool => {
+                        let mut fields = Fields::new(body);
+                        let portal = fields.cstr().unwrap_or_default().to_string();
+                        let name = fields.cstr().unwrap_or_default().to_string();
+                        let rest = &body[portal.len() + name.len() + 2..];
+                        let mut tail = BytesMut::with_capacity(rest.len());
+                        tail.extend_from_slice(rest);
+                        self.forward_bind(buf, &mut ready, total, &portal, &name, Some(&tail))
+                            .await?;
+                    }
                     Ok(()) => ready += total,
                     Err(report) => {
                         let names = names_text(body);
@@ -339,6 +435,7 @@ impl<'a> ClientToUpstream<'a> {
                     ready += total;
                 }
                 b'C' => {
+                    let mut stand_in = false;
                     if let [kind, name @ .., 0] = body {
                         let name = String::from_utf8_lossy(name);
                         if *kind == b'P' {
@@ -347,8 +444,30 @@ impl<'a> ClientToUpstream<'a> {
                         let mut ledger = self.ledger.lock().expect("ledger lock");
                         let group = ledger.sent;
                         ledger.book.close_sent(group, *kind, statement_name(&name));
+                        if self.transaction_pool {
+                            // A statement's upstream twin may serve other sessions: the
+                            // client's Close only forgets it (a Close of no statement answers).
+                            ledger.owed.close_sent(group, false);
+                            if *kind == b'S' {
+                                self.statements.forget(statement_name(&name));
+                                stand_in = true;
+                            }
+                        }
                     }
-                    ready += total;
+                    if stand_in {
+                        let mut out = BytesMut::new();
+                        close_message(NO_STATEMENT, &mut out);
+                        self.replace(buf, &mut ready, total, &out).await?;
+                    } else {
+                        ready += total;
+                    }
+                }
+                b'D' if self.transaction_pool && body.first() == Some(&b'S') => {
+                    let name = Fields::new(&body[1..])
+                        .cstr()
+                        .unwrap_or_default()
+                        .to_string();
+                    self.forward_describe(buf, &mut ready, total, &name).await?;
                 }
                 b'D' | b'H' | b'd' | b'c' | b'f' => ready += total,
                 other => {
@@ -360,17 +479,40 @@ impl<'a> ClientToUpstream<'a> {
             }
         }
         self.flush_ready(buf, &mut ready).await?;
-        self.upstream.flush().await?;
+        if let Some(upstream) = &mut self.upstream {
+            upstream.flush().await?;
+        }
         Ok(None)
     }
 
     async fn flush_ready(&mut self, buf: &mut BytesMut, ready: &mut usize) -> std::io::Result<()> {
         if *ready > 0 {
-            self.upstream.write_all(&buf[..*ready]).await?;
+            self.write(&buf[..*ready]).await?;
             buf.advance(*ready);
             *ready = 0;
         }
         Ok(())
+    }
+
+    /// Writes upstream; only called while a connection is attached.
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.upstream {
+            Some(upstream) => upstream.write_all(bytes).await,
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Relays what is ready, then `replacement` in place of the `total` bytes that follow.
+    async fn replace(
+        &mut self,
+        buf: &mut BytesMut,
+        ready: &mut usize,
+        total: usize,
+        replacement: &[u8],
+    ) -> std::io::Result<()> {
+        self.flush_ready(buf, ready).await?;
+        buf.advance(total);
+        self.write(replacement).await
     }
 
     /// After a configuration reload: the new rules of the session's policy.
@@ -856,6 +998,107 @@ impl<'a> ClientToUpstream<'a> {
     }
 
     /// A refused Bind: audited with the statement it named, then denied like a Parse.
+    /// Transaction pooling: a client's Parse, under the statement's upstream name, or a
+    /// stand-in when the connection already holds it.
+    async fn forward_parse(
+        &mut self,
+        buf: &mut BytesMut,
+        ready: &mut usize,
+        total: usize,
+        name: &str,
+        definition: Arc<Definition>,
+    ) -> std::io::Result<()> {
+        self.statements
+            .define(statement_name(name), definition.clone(), self.cycle);
+        let mut out = BytesMut::new();
+        {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            let ledger = &mut *ledger;
+            let group = ledger.sent;
+            if !definition.upstream.is_empty() && ledger.connection.holds(&definition.upstream) {
+                close_message(NO_STATEMENT, &mut out);
+                ledger.owed.close_sent(group, true);
+            } else {
+                out.extend_from_slice(&definition.parse);
+                ledger
+                    .owed
+                    .parse_sent(group, false, &definition.upstream, &mut ledger.connection);
+            }
+        }
+        self.replace(buf, ready, total, &out).await
+    }
+
+    /// Transaction pooling: the statement `name` is about to be used; the Parse that prepares
+    /// it on this connection if it lacks it, and its upstream name (None: a name the session
+    /// never defined, left as it is).
+    fn prepare_here(&mut self, name: &str, out: &mut BytesMut) -> Option<String> {
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        let ledger = &mut *ledger;
+        let (definition, missing) =
+            self.statements
+                .lookup(statement_name(name), self.cycle, &ledger.connection)?;
+        if missing {
+            out.extend_from_slice(&definition.parse);
+            let group = ledger.sent;
+            ledger
+                .owed
+                .parse_sent(group, true, &definition.upstream, &mut ledger.connection);
+        }
+        Some(definition.upstream.clone())
+    }
+
+    /// Transaction pooling: a Bind of `name` under its upstream name. `tail`: the rest of the
+    /// message (formats and parameters) when it is whole; None when it streams after this.
+    async fn forward_bind(
+        &mut self,
+        buf: &mut BytesMut,
+        ready: &mut usize,
+        total: usize,
+        portal: &str,
+        name: &str,
+        tail: Option<&[u8]>,
+    ) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        let upstream = self
+            .prepare_here(name, &mut out)
+            .unwrap_or_else(|| name.to_string());
+        let head = HEADER_LEN + portal.len() + name.len() + 2;
+        let length = 4 + portal.len() + 1 + upstream.len() + 1 + (total - head);
+        out.extend_from_slice(b"B");
+        out.extend_from_slice(&(length as u32).to_be_bytes());
+        out.extend_from_slice(portal.as_bytes());
+        out.extend_from_slice(&[0]);
+        out.extend_from_slice(upstream.as_bytes());
+        out.extend_from_slice(&[0]);
+        match tail {
+            Some(tail) => {
+                out.extend_from_slice(tail);
+                self.replace(buf, ready, total, &out).await
+            }
+            None => self.replace(buf, ready, head, &out).await,
+        }
+    }
+
+    /// Transaction pooling: a Describe of statement `name` under its upstream name.
+    async fn forward_describe(
+        &mut self,
+        buf: &mut BytesMut,
+        ready: &mut usize,
+        total: usize,
+        name: &str,
+    ) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        let upstream = self
+            .prepare_here(name, &mut out)
+            .unwrap_or_else(|| name.to_string());
+        out.extend_from_slice(b"D");
+        out.extend_from_slice(&(4 + 1 + upstream.len() as u32 + 1).to_be_bytes());
+        out.extend_from_slice(b"S");
+        out.extend_from_slice(upstream.as_bytes());
+        out.extend_from_slice(&[0]);
+        self.replace(buf, ready, total, &out).await
+    }
+
     async fn deny_bind(&mut self, names: (String, String), report: Report) -> std::io::Result<()> {
         let (_portal, name) = names;
         self.shared.metrics.statement(false, &[]);
@@ -904,7 +1147,7 @@ impl<'a> ClientToUpstream<'a> {
                 }
             }
         }
-        self.upstream.write_all(&out).await
+        self.write(&out).await
     }
 }
 

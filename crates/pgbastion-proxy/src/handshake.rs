@@ -10,6 +10,7 @@ use crate::reply::Refusal;
 use bytes::BytesMut;
 use pgbastion_audit::{Event, Outcome};
 use pgbastion_auth::{Grant, Identity};
+use pgbastion_config::PoolMode;
 use pgbastion_wire::accept::{accept, AcceptSettings, FirstContact, StartupMessage, PROTOCOL_3_0};
 use pgbastion_wire::frame::read_message;
 use pgbastion_wire::stream::ClientStream;
@@ -312,10 +313,23 @@ async fn handshake(
         database: &database,
         parameters: &parameters,
     };
-    let acquired = shared
-        .pools
-        .acquire(&settings, login, generation, &shared.metrics)
-        .await;
+    let (mode, _) = settings.config.pool.for_role(login_role);
+    // A transaction-pooled client starts without a connection when the pool already knows
+    // what the server reports to a session with its parameters.
+    let known = match mode {
+        PoolMode::Transaction => shared
+            .pools
+            .known_statuses(login_role, &database, &parameters),
+        PoolMode::Session => None,
+    };
+    let acquired = match known {
+        Some(startup) => Ok(Startup::Known(startup)),
+        None => shared
+            .pools
+            .acquire(&settings, login, generation, &shared.metrics)
+            .await
+            .map(Startup::Connected),
+    };
     let upstream = match acquired {
         Ok(upstream) => upstream,
         Err(error) => {
@@ -360,8 +374,8 @@ async fn handshake(
         role = %grant.role,
         database = %database,
         tls = stream.tls_version().unwrap_or("none"),
-        upstream_pid = upstream.lease.pid,
-        reused = upstream.reused,
+        upstream_pid = upstream.key().map(|(pid, _)| pid),
+        reused = !matches!(&upstream, Startup::Connected(c) if !c.reused),
         "session started"
     );
     shared
@@ -385,26 +399,39 @@ async fn handshake(
         .into(),
     };
     let login_role = login_role.to_string();
-    let cancel = shared
-        .cancels
-        .register(upstream.lease.pid, upstream.lease.secret);
+    let cancel = shared.cancels.register(upstream.key());
     let mut out = BytesMut::with_capacity(512);
     messages::auth_ok(&mut out);
     // The upstream's real ParameterStatus values (server_version, session_authorization, ...)
     // and any startup notices, exactly as sent.
-    out.extend_from_slice(&upstream.startup);
+    out.extend_from_slice(upstream.startup());
     messages::backend_key_data(cancel.pid, cancel.secret, &mut out);
     messages::ready_for_query(b'I', &mut out);
     if let Err(err) = stream.write_all(&out).await {
         tracing::debug!(error = %err, "client went away during startup");
         // Nothing was sent upstream yet: the connection goes back as it came.
-        crate::pool::Pools::give_back(upstream.stream, upstream.lease, true, shared.clone());
+        if let Startup::Connected(checkout) = upstream {
+            crate::pool::Pools::give_back(checkout.stream, checkout.lease, true, shared.clone());
+        }
         return Ok(None);
     }
+    let upstream = match (mode, upstream) {
+        (PoolMode::Session, Startup::Connected(checkout)) => {
+            Some((checkout.stream, checkout.lease))
+        }
+        (_, Startup::Connected(checkout)) => {
+            // Taken for the login's ParameterStatus values; each transaction takes its own.
+            cancel.set_upstream(None);
+            crate::pool::Pools::release(checkout.stream, checkout.lease, shared);
+            None
+        }
+        (_, Startup::Known(_)) => None,
+    };
     Ok(Some(Session {
         client: stream,
-        upstream: upstream.stream,
-        lease: upstream.lease,
+        upstream,
+        mode,
+        parameters,
         identity,
         grant,
         policy,
@@ -419,6 +446,30 @@ async fn handshake(
         slots: (slot, session_slot),
         generation,
     }))
+}
+
+/// What a session starts with: a connection, or (transaction pooling) only what the server
+/// reports at startup.
+enum Startup {
+    Connected(crate::pool::Checkout),
+    Known(BytesMut),
+}
+
+impl Startup {
+    /// The upstream BackendKeyData, for cancels.
+    fn key(&self) -> Option<(i32, i32)> {
+        match self {
+            Startup::Connected(checkout) => Some((checkout.lease.pid, checkout.lease.secret)),
+            Startup::Known(_) => None,
+        }
+    }
+
+    fn startup(&self) -> &[u8] {
+        match self {
+            Startup::Connected(checkout) => &checkout.startup,
+            Startup::Known(startup) => startup,
+        }
+    }
 }
 
 /// A newer protocol minor version or `_pq_.` options: say what we speak (3.0) and continue.

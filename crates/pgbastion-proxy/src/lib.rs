@@ -21,6 +21,7 @@ mod options;
 mod pool;
 mod prepared;
 mod relay;
+mod renaming;
 mod reply;
 mod settings;
 mod upstream_side;

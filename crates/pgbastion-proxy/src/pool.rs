@@ -15,6 +15,7 @@
 
 use crate::listener::Shared;
 use crate::metrics::Metrics;
+use crate::renaming::{ConnectionStatements, MAX_STATEMENTS_PER_CONNECTION};
 use crate::settings::Settings;
 use bytes::BytesMut;
 use pgbastion_config::Pool as PoolConfig;
@@ -32,6 +33,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 type Parameters = Vec<(String, String)>;
+/// ParameterStatus values, by name.
+type Statuses = Vec<(String, String)>;
 
 /// Largest message the pool reads itself (reset and health-check answers).
 const MAX_MESSAGE: usize = 1024 * 1024;
@@ -59,6 +62,9 @@ struct State {
     idle: Vec<Idle>,
     /// The startup parameters of the latest client, to refill to `min_size` with.
     latest: Option<Arc<Parameters>>,
+    /// The ParameterStatus values of the latest connection logged in with `latest`: a
+    /// transaction-pooled client gets them at startup without taking a connection.
+    statuses: Option<(Arc<Parameters>, Statuses)>,
 }
 
 #[derive(Debug)]
@@ -85,6 +91,8 @@ pub(crate) struct Lease {
     /// The configuration generation it was opened under: a reload may change the upstream
     /// address or credentials, so older connections are not reused.
     generation: u64,
+    /// The statements transaction pooling prepared on it (see `renaming`).
+    pub statements: ConnectionStatements,
 }
 
 /// Counts one open connection; closing (dropping) it wakes a waiting client.
@@ -164,6 +172,7 @@ impl Pools {
         metrics: &Metrics,
     ) -> Result<Checkout, AcquireError> {
         let config = &settings.config.pool;
+        let (_, max_size) = config.for_role(login.user);
         let pool = self.pool(login.user, login.database);
         let mut parameters = login.parameters.to_vec();
         parameters.sort();
@@ -174,7 +183,7 @@ impl Pools {
             let changed = pool.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let (step, evicted) = pool.next_step(&parameters, config.max_size, generation);
+            let (step, evicted) = pool.next_step(&parameters, max_size, generation);
             if let Some(evicted) = evicted {
                 metrics.pool_event("closed_to_make_room");
                 tokio::spawn(terminate(evicted));
@@ -216,7 +225,7 @@ impl Pools {
                     if tokio::time::timeout_at(deadline, changed).await.is_err() {
                         metrics.pool_event("exhausted");
                         return Err(AcquireError::Exhausted {
-                            max: config.max_size,
+                            max: max_size,
                             waited: started.elapsed(),
                         });
                     }
@@ -245,7 +254,11 @@ impl Pools {
             }
             let reset = exchange(&mut stream, &mut lease, &config.reset_query);
             match tokio::time::timeout(settings.upstream.connect_timeout, reset).await {
-                Ok(Ok(())) => lease.slot.0.clone().put_idle(stream, lease),
+                Ok(Ok(())) => {
+                    // DISCARD ALL deallocated every prepared statement.
+                    lease.statements.clear();
+                    lease.slot.0.clone().put_idle(stream, lease)
+                }
                 failed => {
                     if let Ok(Err(err)) = &failed {
                         tracing::warn!(error = %err, "pool reset query failed; connection closed");
@@ -255,6 +268,54 @@ impl Pools {
                 }
             }
         });
+    }
+
+    /// The ParameterStatus messages a client with these startup parameters would get from a
+    /// connection of the pool, if one has served them before (transaction pooling: the
+    /// client then starts without taking a connection).
+    pub fn known_statuses(
+        &self,
+        role: &str,
+        database: &str,
+        parameters: &[(String, String)],
+    ) -> Option<BytesMut> {
+        let pool = self
+            .pools
+            .lock()
+            .expect("pools lock")
+            .get(&(role.to_string(), database.to_string()))?
+            .clone();
+        let state = pool.state.lock().expect("pool lock");
+        let (known, statuses) = state.statuses.as_ref()?;
+        let mut sorted = parameters.to_vec();
+        sorted.sort();
+        if **known != sorted {
+            return None;
+        }
+        let mut startup = BytesMut::new();
+        for (name, value) in statuses {
+            messages::parameter_status(name, value, &mut startup);
+        }
+        Some(startup)
+    }
+
+    /// Takes a connection back at the end of a transaction (transaction pooling), as it is:
+    /// the session left no state on it beyond the shared prepared statements.
+    pub fn release(stream: UpstreamStream, lease: Lease, shared: &Shared) {
+        let settings = shared.settings();
+        let kept = keepable(&lease, &settings.config.pool, shared.generation()).and_then(|()| {
+            match lease.statements.len() > MAX_STATEMENTS_PER_CONNECTION {
+                true => Err("closed_too_many_statements"),
+                false => Ok(()),
+            }
+        });
+        match kept {
+            Ok(()) => lease.slot.0.clone().put_idle(stream, lease),
+            Err(reason) => {
+                shared.metrics.pool_event(reason);
+                close(stream, lease);
+            }
+        }
     }
 
     /// Closes idle connections past `idle_timeout` (down to `min_size`) or `max_lifetime`,
@@ -365,11 +426,14 @@ impl Pool {
     }
 
     fn put_idle(self: Arc<Self>, stream: UpstreamStream, lease: Lease) {
-        self.state.lock().expect("pool lock").idle.push(Idle {
+        let mut state = self.state.lock().expect("pool lock");
+        state.statuses = Some((lease.parameters.clone(), lease.status.clone()));
+        state.idle.push(Idle {
             stream,
             lease,
             since: Instant::now(),
         });
+        drop(state);
         self.changed.notify_one();
     }
 
@@ -484,6 +548,7 @@ async fn open(
         status: parameter_statuses(&connection.relay),
         created: Instant::now(),
         generation,
+        statements: ConnectionStatements::default(),
     };
     Ok((connection.stream, lease, connection.relay))
 }

@@ -16,17 +16,21 @@ use crate::client_side::{CatalogAccess, ClientToUpstream};
 use crate::executions::Executions;
 use crate::limits::{ConnectionSlot, SessionSlot, StatementRate};
 use crate::listener::Shared;
-use crate::pool::{Lease, Pools};
+use crate::pool::{AcquireError, Lease, Pools};
 use crate::prepared::Book;
+use crate::renaming::{ConnectionStatements, Owed};
 use crate::reply::Refusal;
+use crate::settings::Settings;
 use crate::upstream_side::{Expiry, UpstreamToClient};
 use bytes::BytesMut;
 use pgbastion_audit::Event;
 use pgbastion_auth::{Grant, Identity};
+use pgbastion_config::PoolMode;
 use pgbastion_policy::CompiledPolicy;
 use pgbastion_wire::messages::Report;
 use pgbastion_wire::stream::{ClientStream, UpstreamStream};
 use pgbastion_wire::upstream;
+use pgbastion_wire::upstream::Login;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
@@ -39,9 +43,12 @@ pub(crate) const READ_BUFFER: usize = 16 * 1024;
 
 pub(crate) struct Session {
     pub client: ClientStream,
-    pub upstream: UpstreamStream,
-    /// The upstream connection's place in its pool.
-    pub lease: Lease,
+    /// The upstream connection and its place in its pool; None for a transaction-pooled
+    /// session, which takes one for each transaction.
+    pub upstream: Option<(UpstreamStream, Lease)>,
+    pub mode: PoolMode,
+    /// Startup parameters of the upstream login (transaction pooling logs in again with them).
+    pub parameters: Vec<(String, String)>,
     pub identity: Identity,
     pub grant: Grant,
     pub policy: Arc<CompiledPolicy>,
@@ -69,6 +76,11 @@ pub(crate) enum Ended {
     ClientGone,
     UpstreamClosed,
     Refused(Refusal),
+    /// Transaction pooling: the transaction ended and nothing is in flight, so the upstream
+    /// connection goes back to the pool.
+    Release,
+    /// Transaction pooling: the client sent a request and the session holds no connection.
+    NeedUpstream,
 }
 
 impl Ended {
@@ -78,6 +90,7 @@ impl Ended {
             Ended::ClientGone => "client_gone",
             Ended::UpstreamClosed => "upstream_closed",
             Ended::Refused(refusal) => refusal.reason(),
+            Ended::Release | Ended::NeedUpstream => "pooling",
         }
     }
 }
@@ -103,6 +116,31 @@ pub(crate) struct Ledger {
     pub book: Book,
     /// Forwarded statements awaiting their outcome.
     pub executions: Executions,
+    /// Transaction pooling is on and the session has created no session state: its
+    /// connection goes back to the pool after each transaction.
+    pub releasing: bool,
+    /// The client side is between requests (no batch being handled, nothing half sent, no
+    /// pipeline waiting for its Sync); kept only when `releasing`.
+    pub client_between: bool,
+    /// The upstream side is between messages with nothing unread; kept only when `releasing`.
+    pub upstream_between: bool,
+    /// The attached connection's prepared statements and the answers owed for the Parse and
+    /// Close messages the proxy sent on it (transaction pooling).
+    pub connection: ConnectionStatements,
+    pub owed: Owed,
+}
+
+impl Ledger {
+    /// Whether the attached connection may go back to the pool now.
+    pub fn releasable(&self) -> bool {
+        self.releasing
+            && self.client_between
+            && self.upstream_between
+            && self.sent == self.ready
+            && self.status == b'I'
+            && self.denials.is_empty()
+            && self.owed.is_empty()
+    }
 }
 
 impl Default for Ledger {
@@ -114,6 +152,11 @@ impl Default for Ledger {
             status: b'I',
             book: Book::default(),
             executions: Executions::default(),
+            releasing: false,
+            client_between: true,
+            upstream_between: true,
+            connection: ConnectionStatements::default(),
+            owed: Owed::default(),
         }
     }
 }
@@ -123,7 +166,8 @@ impl Session {
         let Session {
             client,
             upstream,
-            lease,
+            mode,
+            parameters,
             identity,
             grant,
             policy,
@@ -142,8 +186,19 @@ impl Session {
         let settings = shared.settings();
         let config = &settings.config;
         let (client_read, mut client_write) = tokio::io::split(client);
-        let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
-        let ledger = Mutex::new(Ledger::default());
+        let transaction_pool = mode == PoolMode::Transaction;
+        let (mut upstream_write, mut upstream_read, mut lease) = (None, None, None);
+        let mut ledger = Ledger {
+            releasing: transaction_pool,
+            ..Ledger::default()
+        };
+        if let Some((stream, mut attached)) = upstream {
+            let (read, write) = tokio::io::split(stream);
+            (upstream_read, upstream_write) = (Some(read), Some(write));
+            ledger.connection = std::mem::take(&mut attached.statements);
+            lease = Some(attached);
+        }
+        let ledger = Mutex::new(ledger);
         let sentinel = format!("pgbastion_denied_{:016x}", rand::random::<u64>());
         let expiry = Expiry::new(
             identity.expires_at,
@@ -170,11 +225,11 @@ impl Session {
                 max_age: config.upstream.catalog_refresh,
             });
         let audit = shared.auditor.enabled().then(|| session_json.clone());
-        let (ended, bytes_in, bytes_out, between_requests, upstream_read) = {
+        let (ended, bytes_in, bytes_out, between_requests, upstream) = {
             let mut to_upstream = ClientToUpstream::new(
                 &shared,
                 client_read,
-                &mut upstream_write,
+                upstream_write,
                 &ledger,
                 &sentinel,
                 &identity.user,
@@ -188,6 +243,7 @@ impl Session {
                 conn,
                 audit,
                 generation,
+                transaction_pool,
             );
             let mut to_client = UpstreamToClient::new(
                 &shared,
@@ -199,9 +255,40 @@ impl Session {
                 conn,
                 session_json.clone(),
             );
-            let ended = tokio::select! {
-                ended = to_upstream.run() => ended,
-                ended = to_client.run() => ended,
+            let ended = loop {
+                let ended = tokio::select! {
+                    ended = to_upstream.run() => ended,
+                    ended = to_client.run() => ended,
+                };
+                match ended {
+                    Ended::Release => {
+                        let (Some(read), Some(write), Some(mut released)) =
+                            (to_client.detach(), to_upstream.detach(), lease.take())
+                        else {
+                            unreachable!("only an attached session releases its connection");
+                        };
+                        released.statements =
+                            std::mem::take(&mut ledger.lock().expect("ledger lock").connection);
+                        cancel.set_upstream(None);
+                        Pools::release(read.unsplit(write), released, &shared);
+                    }
+                    Ended::NeedUpstream => {
+                        let acquired =
+                            attach(&shared, &settings, &login_role, &database, &parameters).await;
+                        let (stream, mut attached) = match acquired {
+                            Ok(acquired) => acquired,
+                            Err(refusal) => break Ended::Refused(refusal),
+                        };
+                        cancel.set_upstream(Some((attached.pid, attached.secret)));
+                        ledger.lock().expect("ledger lock").connection =
+                            std::mem::take(&mut attached.statements);
+                        let (read, write) = tokio::io::split(stream);
+                        to_upstream.attach(write);
+                        to_client.attach(read);
+                        lease = Some(attached);
+                    }
+                    ended => break ended,
+                }
             };
             // Statements forwarded but not answered: still recorded, their outcome unknown.
             ledger
@@ -211,12 +298,21 @@ impl Session {
                 .abandon(&mut to_client.finished);
             to_client.report_finished().await;
             let bytes_out = to_client.bytes;
+            let between_requests = to_upstream.between_requests();
+            let upstream = match (to_client.into_idle_upstream(), to_upstream.detach()) {
+                (Some(read), Some(write)) => Some(read.unsplit(write)),
+                (_, Some(mut write)) => {
+                    let _ = write.shutdown().await;
+                    None
+                }
+                _ => None,
+            };
             (
                 ended,
                 to_upstream.bytes,
                 bytes_out,
-                to_upstream.between_requests(),
-                to_client.into_idle_upstream(),
+                between_requests,
+                upstream,
             )
         };
         let (busy, idle) = {
@@ -237,10 +333,12 @@ impl Session {
                 // The client vanished mid-statement: without a cancel the upstream would run
                 // the statement to its end before noticing.
                 let target = settings.upstream.clone();
-                let (pid, secret) = (lease.pid, lease.secret);
-                tokio::spawn(async move {
-                    let _ = upstream::cancel(&target, pid, secret).await;
-                });
+                if let Some(lease) = &lease {
+                    let (pid, secret) = (lease.pid, lease.secret);
+                    tokio::spawn(async move {
+                        let _ = upstream::cancel(&target, pid, secret).await;
+                    });
+                }
             }
             _ => {}
         }
@@ -248,15 +346,19 @@ impl Session {
         // The connection serves another session only after a clean end: the client said
         // Terminate between requests, every request was answered, no transaction is open.
         let clean = matches!(ended, Ended::ClientTerminated) && between_requests && idle;
-        match upstream_read {
-            Some(read) => {
-                let upstream = read.unsplit(upstream_write);
-                Pools::give_back(upstream, lease, clean, shared.clone());
+        let pinned = transaction_pool && !ledger.lock().expect("ledger lock").releasing;
+        match (upstream, lease) {
+            (Some(stream), Some(mut lease)) => {
+                lease.statements =
+                    std::mem::take(&mut ledger.lock().expect("ledger lock").connection);
+                if transaction_pool && clean && !pinned {
+                    // Nothing of the session's is left on it: no reset needed.
+                    Pools::release(stream, lease, &shared);
+                } else {
+                    Pools::give_back(stream, lease, clean, shared.clone());
+                }
             }
-            None => {
-                let _ = upstream_write.shutdown().await;
-                drop(lease);
-            }
+            (_, lease) => drop(lease),
         }
         drop(cancel);
         let seconds = started.elapsed().as_secs_f64();
@@ -270,6 +372,47 @@ impl Session {
             })
             .await;
         drop(slots);
+    }
+}
+
+/// A connection for the next transaction of a transaction-pooled session.
+async fn attach(
+    shared: &Shared,
+    settings: &Settings,
+    login_role: &str,
+    database: &str,
+    parameters: &[(String, String)],
+) -> Result<(UpstreamStream, Lease), Refusal> {
+    let password = settings
+        .role_passwords
+        .get(login_role)
+        .ok_or(Refusal::Internal { conn: 0 })?;
+    let login = Login {
+        user: login_role,
+        password: password.expose(),
+        database,
+        parameters,
+    };
+    let generation = shared.generation();
+    match shared
+        .pools
+        .acquire(settings, login, generation, &shared.metrics)
+        .await
+    {
+        Ok(checkout) => Ok((checkout.stream, checkout.lease)),
+        Err(AcquireError::Exhausted { max, waited }) => Err(Refusal::PoolExhausted {
+            role: login_role.to_string(),
+            database: database.to_string(),
+            max,
+            waited,
+        }),
+        Err(AcquireError::Upstream(error)) => {
+            tracing::warn!(role = %login_role, error = %error, "upstream login failed");
+            Err(Refusal::Upstream {
+                role: login_role.to_string(),
+                error,
+            })
+        }
     }
 }
 

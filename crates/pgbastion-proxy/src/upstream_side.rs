@@ -20,7 +20,8 @@ use tokio::time::Instant;
 
 pub(crate) struct UpstreamToClient<'a> {
     shared: &'a Shared,
-    upstream: ReadHalf<UpstreamStream>,
+    /// None between transactions of a transaction-pooled session.
+    upstream: Option<ReadHalf<UpstreamStream>>,
     client: &'a mut WriteHalf<ClientStream>,
     ledger: &'a Mutex<Ledger>,
     sentinel: &'a str,
@@ -43,7 +44,7 @@ impl<'a> UpstreamToClient<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         shared: &'a Shared,
-        upstream: ReadHalf<UpstreamStream>,
+        upstream: Option<ReadHalf<UpstreamStream>>,
         client: &'a mut WriteHalf<ClientStream>,
         ledger: &'a Mutex<Ledger>,
         sentinel: &'a str,
@@ -71,8 +72,21 @@ impl<'a> UpstreamToClient<'a> {
 
     /// The upstream stream's read half, if the relay stopped between whole messages with
     /// nothing unread: then the connection can serve another session.
-    pub fn into_idle_upstream(self) -> Option<ReadHalf<UpstreamStream>> {
-        (!self.processing && self.passthrough == 0 && self.buf.is_empty()).then_some(self.upstream)
+    pub fn into_idle_upstream(mut self) -> Option<ReadHalf<UpstreamStream>> {
+        match !self.processing && self.passthrough == 0 && self.buf.is_empty() {
+            true => self.upstream.take(),
+            false => None,
+        }
+    }
+
+    /// Starts relaying from a connection (transaction pooling).
+    pub fn attach(&mut self, upstream: ReadHalf<UpstreamStream>) {
+        self.upstream = Some(upstream);
+    }
+
+    /// Gives the connection back after a release: nothing of it is unread.
+    pub fn detach(&mut self) -> Option<ReadHalf<UpstreamStream>> {
+        self.upstream.take()
     }
 
     pub async fn run(&mut self) -> Ended {
@@ -85,7 +99,7 @@ impl<'a> UpstreamToClient<'a> {
         let mut terminating = *self.terminate.borrow();
         loop {
             tokio::select! {
-                read = self.upstream.read_buf(&mut self.buf) => {
+                read = read_some(self.upstream.as_mut(), &mut self.buf) => {
                     match read {
                         Ok(0) | Err(_) => return Ended::UpstreamClosed,
                         Ok(n) => self.bytes += n as u64,
@@ -151,7 +165,11 @@ impl<'a> UpstreamToClient<'a> {
         let mut ready = 0;
         // A sentinel's error can only be in `buf` if its denial was recorded before `buf` was
         // read, so one look per batch is enough.
-        let mut pending = !self.ledger.lock().expect("ledger lock").denials.is_empty();
+        let (mut pending, releasing) = {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            ledger.upstream_between = false;
+            (!ledger.denials.is_empty(), ledger.releasing)
+        };
         loop {
             if self.passthrough > 0 {
                 let n = self.passthrough.min(buf.len() - ready);
@@ -195,6 +213,8 @@ impl<'a> UpstreamToClient<'a> {
                     let mut ledger = self.ledger.lock().expect("ledger lock");
                     let group = ledger.ready;
                     ledger.status = body.first().copied().unwrap_or(b'E');
+                    let ledger = &mut *ledger;
+                    ledger.owed.ready(group, &mut ledger.connection);
                     // A denial whose sentinel was skipped (an earlier error in the same
                     // pipeline) ends here unanswered, as a skipped message would.
                     while ledger.denials.front().is_some_and(|d| d.group <= group) {
@@ -206,20 +226,38 @@ impl<'a> UpstreamToClient<'a> {
                     ready += total;
                 }
                 b'1' => {
-                    self.ledger
-                        .lock()
-                        .expect("ledger lock")
-                        .book
-                        .parse_complete();
-                    ready += total;
+                    let injected = {
+                        let mut ledger = self.ledger.lock().expect("ledger lock");
+                        let injected = ledger.owed.parse_complete();
+                        if !injected {
+                            ledger.book.parse_complete();
+                        }
+                        injected
+                    };
+                    if injected {
+                        // A Parse the proxy injected (transaction pooling): not the client's.
+                        self.skip(buf, &mut ready, total, &[]).await?;
+                    } else {
+                        ready += total;
+                    }
                 }
                 b'3' => {
-                    self.ledger
-                        .lock()
-                        .expect("ledger lock")
-                        .book
-                        .close_complete();
-                    ready += total;
+                    let stand_in = {
+                        let mut ledger = self.ledger.lock().expect("ledger lock");
+                        let stand_in = ledger.owed.close_complete();
+                        match stand_in {
+                            true => ledger.book.parse_complete(),
+                            false => ledger.book.close_complete(),
+                        }
+                        stand_in
+                    };
+                    if stand_in {
+                        // The stand-in for a Parse of a statement the connection held.
+                        self.skip(buf, &mut ready, total, &[b'1', 0, 0, 0, 4])
+                            .await?;
+                    } else {
+                        ready += total;
+                    }
                 }
                 b'C' => {
                     let mut ledger = self.ledger.lock().expect("ledger lock");
@@ -290,7 +328,34 @@ impl<'a> UpstreamToClient<'a> {
         }
         self.client.flush().await?;
         self.report_finished().await;
+        if releasing {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            ledger.upstream_between = buf.is_empty() && self.passthrough == 0;
+            if ledger.releasable() {
+                return Ok(Some(Ended::Release));
+            }
+        }
         Ok(None)
+    }
+
+    /// Relays what is ready, then `replacement` in place of the `total` bytes that follow.
+    async fn skip(
+        &mut self,
+        buf: &mut BytesMut,
+        ready: &mut usize,
+        total: usize,
+        replacement: &[u8],
+    ) -> std::io::Result<()> {
+        if *ready > 0 {
+            self.client.write_all(&buf[..*ready]).await?;
+            buf.advance(*ready);
+            *ready = 0;
+        }
+        buf.advance(total);
+        if !replacement.is_empty() {
+            self.client.write_all(replacement).await?;
+        }
+        Ok(())
     }
 
     /// Latency metrics and audit records of the executions completed in this batch.
@@ -346,6 +411,18 @@ impl Expiry {
             expiry.warn_at = Some(now + remaining.saturating_sub(warning));
         }
         expiry
+    }
+}
+
+/// Reads from the upstream; with no connection attached, waits forever (the other branches
+/// of the caller's select still run).
+async fn read_some(
+    upstream: Option<&mut ReadHalf<UpstreamStream>>,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    match upstream {
+        Some(upstream) => upstream.read_buf(buf).await,
+        None => std::future::pending().await,
     }
 }
 

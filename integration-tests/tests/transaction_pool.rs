@@ -1,0 +1,250 @@
+//! Transaction pooling end to end: many clients on a small pool with prepared statements
+//! moving between connections, transactions kept whole, session state pinning a session to
+//! its connection (and reset before anyone else gets it), cancel, exhaustion, and pgbench
+//! -M prepared as a real client.
+
+use integration_tests::{text_rows, Harness};
+use pgbastion_config::PoolMode;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+async fn transaction_harness(max_size: usize) -> Harness {
+    Harness::start_with(|c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.max_size = max_size;
+        c.pool.acquire_timeout = Duration::from_millis(500);
+    })
+    .await
+}
+
+async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
+    text_rows(client, sql).await[0][0]
+        .clone()
+        .unwrap_or_else(|| "NULL".into())
+}
+
+/// Upstream connections of `role` open now.
+fn upstream_sessions(h: &Harness, role: &str) -> usize {
+    h.cluster
+        .psql(
+            "demo",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"),
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_follow_clients_across_the_connections_of_a_small_pool() {
+    let h = transaction_harness(2).await;
+    let mut clients = Vec::new();
+    for i in 0..8i32 {
+        let config = h.client_config("bob");
+        let tls = h.tls();
+        clients.push(tokio::spawn(async move {
+            let (mut client, connection) = config.connect(tls).await.unwrap();
+            tokio::spawn(connection);
+            let statement = client
+                .prepare("SELECT $1::int4 * 10 + 1, pg_backend_pid()")
+                .await
+                .unwrap();
+            let mut pids = BTreeSet::new();
+            for round in 0..30i32 {
+                let value = i * 1000 + round;
+                let row = client.query_one(&statement, &[&value]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), value * 10 + 1);
+                pids.insert(row.get::<_, i32>(1));
+                // A statement prepared and closed per call (tokio-postgres's query with a
+                // string) on top.
+                let row = client
+                    .query_one("SELECT $1::text || '!'", &[&value.to_string()])
+                    .await
+                    .unwrap();
+                assert_eq!(row.get::<_, String>(0), format!("{value}!"));
+                tokio::task::yield_now().await;
+            }
+            // A transaction stays on one connection from BEGIN to COMMIT.
+            let transaction = client.transaction().await.unwrap();
+            let first: i32 = transaction
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let second: i32 = transaction
+                .query_one(&statement, &[&1i32])
+                .await
+                .unwrap()
+                .get(1);
+            assert_eq!(first, second, "a transaction moved between connections");
+            transaction.commit().await.unwrap();
+            pids
+        }));
+    }
+    let mut every = BTreeSet::new();
+    let mut moved = 0;
+    for client in clients {
+        let pids = client.await.unwrap();
+        moved += usize::from(pids.len() > 1);
+        every.extend(pids);
+    }
+    assert!(
+        every.len() <= 2,
+        "{} upstream connections for a pool of 2",
+        every.len()
+    );
+    assert!(moved > 0, "no client ever ran on a second connection");
+    assert!(upstream_sessions(&h, "engineer") <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_keeps_a_session_on_its_connection_and_is_reset_after_it() {
+    let h = transaction_harness(2).await;
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    carol
+        .batch_execute("SET work_mem = '7MB'; CREATE TEMP TABLE scratch (x int)")
+        .await
+        .unwrap();
+    let pinned = one(&carol, "SELECT pg_backend_pid()").await;
+    // Another client works meanwhile; it never gets carol's connection or settings.
+    let dana_token = {
+        let claims = h.issuer.claims(
+            "dana",
+            Duration::from_secs(3600),
+            serde_json::json!({ "groups": ["dbadmins"] }),
+        );
+        h.issuer.sign(&claims).unwrap()
+    };
+    let dana = h.connect("dana", &dana_token).await.unwrap();
+    for _ in 0..10 {
+        assert_ne!(one(&dana, "SELECT pg_backend_pid()").await, pinned);
+        assert_eq!(one(&dana, "SHOW work_mem").await, "4MB");
+        assert_eq!(one(&carol, "SELECT pg_backend_pid()").await, pinned);
+        assert_eq!(one(&carol, "SHOW work_mem").await, "7MB");
+        assert_eq!(one(&carol, "SELECT count(*) FROM scratch").await, "0");
+    }
+    // Carol leaves: her connection is reset before it serves anyone.
+    drop(carol);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = BTreeSet::new();
+    while !seen.contains(&pinned) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "carol's connection never came back"
+        );
+        // Holding a transaction open makes the next client take the other connection.
+        let hold = h.connect("dana", &dana_token).await.unwrap();
+        hold.batch_execute("BEGIN").await.unwrap();
+        let pid = one(&hold, "SELECT pg_backend_pid()").await;
+        if pid == pinned {
+            assert_eq!(one(&hold, "SHOW work_mem").await, "4MB");
+            assert_eq!(
+                one(
+                    &hold,
+                    "SELECT count(*) FROM pg_class WHERE relname = 'scratch'"
+                )
+                .await,
+                "0"
+            );
+        }
+        seen.insert(pid);
+        hold.batch_execute("COMMIT").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_connection_a_transaction_pooled_session_is_using() {
+    let h = transaction_harness(2).await;
+    let bob = h.connect("bob", &h.token("bob")).await.unwrap();
+    let cancel = bob.cancel_token();
+    let sleeping = tokio::spawn(async move { bob.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel_query(h.tls()).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the query was cancelled")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "57014");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_too_long_for_a_connection_gets_53300() {
+    let h = transaction_harness(1).await;
+    let holder = h.connect("bob", &h.token("bob")).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    one(&holder, "SELECT 1").await;
+    // Connecting works (the login's connection goes back at once); the first statement
+    // waits for the one connection, held by an open transaction.
+    let waiting = h.connect("bob", &h.token("bob")).await.unwrap();
+    let err = waiting.simple_query("SELECT 1").await.unwrap_err();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "53300");
+    assert!(
+        db.message()
+            .starts_with("no upstream connection available: all 1 connections of role 'engineer'"),
+        "{}",
+        db.message()
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    let next = h.connect("bob", &h.token("bob")).await.unwrap();
+    assert_eq!(one(&next, "SELECT 1").await, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_runs_on_a_transaction_pool() {
+    let h = transaction_harness(2).await;
+    let script = h.dir.path().join("select.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1, 4)\nSELECT name FROM customers WHERE id = :id;\nBEGIN;\nSELECT count(*) FROM orders WHERE customer_id = :id;\nEND;\n",
+    )
+    .unwrap();
+    let bin = pgbastion_devkit::cluster::find_bin().unwrap();
+    let pgbench = if bin.join("pgbench").exists() {
+        bin.join("pgbench")
+    } else {
+        "pgbench".into()
+    };
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(pgbench)
+            // A thread per client: pgbench prepares synchronously, so a thread waiting for a
+            // connection would stall its other clients, whose open transactions hold the pool.
+            .args([
+                "-n", "-M", "prepared", "-c", "6", "-j", "6", "-t", "50", "-f",
+            ])
+            .arg(&script)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &h.proxy.port().to_string(),
+                "-U",
+                "carol",
+                "demo",
+            ])
+            .env("PGPASSWORD", h.token("carol"))
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", h.ca_file())
+            .output()
+            .unwrap()
+    });
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "pgbench failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("number of transactions actually processed: 300/300"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    assert!(upstream_sessions(&h, "demo_owner") <= 2);
+}
