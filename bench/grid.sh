@@ -3,8 +3,10 @@
 #   direct        PostgreSQL itself
 #   pgbouncer     PgBouncer, session mode (pool 100), no TLS, SCRAM client authentication
 #   pgbouncer_tx  PgBouncer, transaction mode, pool of $TX_POOL, no TLS
-#   pgbastion     the demo: TLS verify-full, token authentication, carol's policy, audit log
-#                 to a file, session pools
+#   pgbastion     `pgbastion serve` with the demo's configuration: TLS verify-full, token
+#                 authentication, carol's policy, audit log to a file, session pools,
+#                 [runtime] worker_threads = $THREADS
+#   pgbastion_tx  the same in transaction mode with a pool of $TX_POOL
 # Cells: select (-S) with -M simple/extended/prepared at -c 1/8/64; tpcb (the default
 # TPC-B-like script, -M simple) at -c 8; connect (-S -C, a new connection and so a new
 # authentication per transaction, -M simple) at -c 8. Targets are interleaved cell by cell
@@ -14,8 +16,9 @@
 # Environment (optional):
 #   DURATION=10   seconds per run          REPEAT=1     repetitions
 #   CLIENTS="1 8 64"  PROTOCOLS="simple extended prepared"  MODES="select tpcb connect"
-#   TARGETS="direct pgbouncer pgbouncer_tx pgbastion"       TX_POOL=8   SCALE=10
-#   IDLE=5000     idle client connections for the memory check (0: skip)
+#   TARGETS="direct pgbouncer pgbouncer_tx pgbastion pgbastion_tx"  TX_POOL=8   SCALE=10
+#   THREADS=1     pgbastion's worker threads (0: one per CPU)
+#   IDLE=5000     idle client sessions held on pgbastion_tx for the memory check (0: skip)
 #   SHARED_BENCH=../shared/bench   where start-pgbouncer.sh lives
 # Prints CSV lines (target,mode,protocol,clients,rep,tps,median_latency_us), then the ratios.
 set -euo pipefail
@@ -26,10 +29,11 @@ REPEAT=${REPEAT:-1}
 CLIENTS=${CLIENTS:-1 8 64}
 PROTOCOLS=${PROTOCOLS:-simple extended prepared}
 MODES=${MODES:-select tpcb connect}
-TARGETS=${TARGETS:-direct pgbouncer pgbouncer_tx pgbastion}
+TARGETS=${TARGETS:-direct pgbouncer pgbouncer_tx pgbastion pgbastion_tx}
 TX_POOL=${TX_POOL:-8}
 SCALE=${SCALE:-10}
-IDLE=${IDLE:-0}
+THREADS=${THREADS:-1}
+IDLE=${IDLE:-5000}
 
 command -v pgbench >/dev/null || { echo "pgbench not found (apt-get install postgresql-client)" >&2; exit 2; }
 [ -x "$shared/start-pgbouncer.sh" ] || { echo "start-pgbouncer.sh not found in $shared" >&2; exit 2; }
@@ -39,7 +43,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 work=$(mktemp -d /tmp/pgbastion-grid.XXXXXX)
 chmod 755 "$work"
 demo_pid=""
+serve_pids=""
 cleanup() {
+    for pid in $serve_pids; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
     for mode in session transaction; do
         dir=$work/pgbouncer-$mode
         [ -d "$dir" ] && PGB_DIR=$dir "$shared/start-pgbouncer.sh" stop "$mode" >/dev/null 2>&1 || true
@@ -63,6 +69,30 @@ up_port=$(echo "$upstream" | sed -E 's|.*:([0-9]+)/demo$|\1|')
 token_url=$(grep -o 'http://[^ )]*/token/carol' "$work/demo.out" | head -1)
 rootcert=$(grep -o 'sslrootcert=[^"]*' "$work/demo.out" | head -1 | cut -d= -f2)
 token=$(curl -s "$token_url")
+config_path=$(grep -o '/tmp/pgbastion-demo-[^ ]*/pgbastion.toml' "$work/demo.out" | head -1)
+
+# serve_variant NAME MODE POOL -> starts `pgbastion serve` on a free port, prints the port
+serve_variant() {
+    local name=$1 mode=$2 pool=$3 port
+    port=$(free_port)
+    sed -e "s/^address = \"127.0.0.1:$proxy_port\"/address = \"127.0.0.1:$port\"/" \
+        -e "s|^path = .*|path = \"$work/audit-$name.log\"|" \
+        -e "s/^mode = \"session\"/mode = \"$mode\"/" -e "s/^max_size = 100\$/max_size = $pool/" \
+        -e "s/^worker_threads = .*/worker_threads = $THREADS/" "$config_path" >"$work/$name.toml"
+    # One admin listener is enough (the demo's).
+    printf '\n' >>"$work/$name.toml"
+    sed -i '/^\[admin\]/,/^\[/ s/^enabled = true/enabled = false/' "$work/$name.toml"
+    "$root/target/release/pgbastion" serve --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
+    serve_pids="$serve_pids $!"
+    echo "$!" >"$work/$name.pid"
+    echo "$port"
+}
+session_port=$(serve_variant session session 100)
+tx_port=$(serve_variant transaction transaction "$TX_POOL")
+sleep 1
+for name in session transaction; do
+    kill -0 "$(cat "$work/$name.pid")" 2>/dev/null || { echo "pgbastion ($name) did not start:" >&2; cat "$work/$name.log" >&2; exit 1; }
+done
 
 PGPASSWORD=$up_password pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$up_port" -U demo_owner demo >/dev/null 2>&1
 # 64 clients direct and through session pools, plus the connections pgbench -C leaves closing.
@@ -85,7 +115,8 @@ target_env() {
         direct) echo "PGHOST=127.0.0.1 PGPORT=$up_port PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=disable" ;;
         pgbouncer) echo "PGHOST=127.0.0.1 PGPORT=${pgb_port[session]} PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=disable" ;;
         pgbouncer_tx) echo "PGHOST=127.0.0.1 PGPORT=${pgb_port[transaction]} PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=disable" ;;
-        pgbastion) echo "PGHOST=127.0.0.1 PGPORT=$proxy_port PGUSER=carol PGPASSWORD=$token PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
+        pgbastion) echo "PGHOST=127.0.0.1 PGPORT=$session_port PGUSER=carol PGPASSWORD=$token PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
+        pgbastion_tx) echo "PGHOST=127.0.0.1 PGPORT=$tx_port PGUSER=carol PGPASSWORD=$token PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
     esac
 }
 
@@ -151,17 +182,18 @@ function added(a, cell,   r, n, sum) {
 }
 END {
     for (cell in cells)
-        printf "%-22s pgbastion/pgbouncer %s  pgbastion/pgbouncer_tx %s  pgbastion/direct %s  pgbouncer/direct %s  latency added: pgbastion %s, pgbouncer %s\n", cell,
-            ratio("pgbastion", "pgbouncer", cell), ratio("pgbastion", "pgbouncer_tx", cell), ratio("pgbastion", "direct", cell),
+        printf "%-20s session: pgbastion/pgbouncer %s  transaction: pgbastion_tx/pgbouncer_tx %s  pgbastion/direct %s  pgbouncer/direct %s  latency added: pgbastion %s, pgbouncer %s\n", cell,
+            ratio("pgbastion", "pgbouncer", cell), ratio("pgbastion_tx", "pgbouncer_tx", cell), ratio("pgbastion", "direct", cell),
             ratio("pgbouncer", "direct", cell), added("pgbastion", cell), added("pgbouncer", cell)
 }' "$work/results.csv" | sort
 
 if [ "$IDLE" -gt 0 ]; then
     # Idle sessions held open by one Python process (pgbench cannot hold thousands), each
     # authenticated over TLS with the token; the proxy's resident memory is read meanwhile.
-    rss() { awk '/^VmRSS:/ {print $2}' "/proc/$demo_pid/status"; }
+    tx_pid=$(cat "$work/transaction.pid")
+    rss() { awk '/^VmRSS:/ {print $2}' "/proc/$tx_pid/status"; }
     before=$(rss)
-    python3 "$root/bench/idle_sessions.py" 127.0.0.1 "$proxy_port" carol "$token" "$rootcert" "$IDLE" 20 &
+    python3 "$root/bench/idle_sessions.py" 127.0.0.1 "$tx_port" carol "$token" "$rootcert" "$IDLE" 10 &
     holder=$!
     peak=$before
     while kill -0 "$holder" 2>/dev/null; do
@@ -169,5 +201,5 @@ if [ "$IDLE" -gt 0 ]; then
         sleep 0.5
     done
     wait "$holder" || echo "idle sessions: the holder failed" >&2
-    echo "idle sessions: $IDLE, proxy RSS before ${before} KiB, peak ${peak} KiB ($(( peak / 1024 )) MiB), $(( (peak - before) / IDLE )) KiB per session"
+    echo "idle sessions on pgbastion_tx: $IDLE, RSS before ${before} KiB, peak ${peak} KiB ($(( peak / 1024 )) MiB), $(( (peak - before) / IDLE )) KiB per session"
 fi

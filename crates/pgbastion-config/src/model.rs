@@ -1,7 +1,7 @@
 //! The configuration model. Every struct denies unknown keys; every field has a documented default.
 //! config/pgbastion.example.toml documents each key for operators.
 
-use crate::operations::{Admin, Audit, IdentityLimits, Limits, Shutdown};
+use crate::operations::{Admin, Audit, IdentityLimits, Limits, Runtime, Shutdown};
 use crate::pool::Pool;
 use crate::secret::SecretSource;
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     #[serde(default)]
     pub pool: Pool,
+    #[serde(default)]
+    pub runtime: Runtime,
 }
 
 /// Where clients connect.

@@ -121,6 +121,17 @@ pub struct IdentityLimits {
     pub max_connections: u32,
 }
 
+/// The process's threads.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// Threads that run sessions; 0: one per CPU. 1 runs everything on one thread, like a
+    /// single-threaded pooler: the least CPU per round trip (no work stealing, no wake-ups
+    /// across threads), the right choice on a small host shared with PostgreSQL.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Shutdown {

@@ -4,6 +4,7 @@
 
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::tokenizer::{Token, Tokenizer};
+use std::fmt::Write;
 
 /// What a statement that does not even tokenize is recorded as: nothing of it is safe to keep.
 pub const UNREADABLE: &str = "/* pgbastion: statement not tokenizable, text withheld */";
@@ -33,7 +34,10 @@ pub fn redact(sql: &str) -> String {
             | Token::EscapedStringLiteral(_)
             | Token::UnicodeStringLiteral(_)
             | Token::HexStringLiteral(_) => out.push_str("$0"),
-            other => out.push_str(&other.to_string()),
+            // Written in place: a String per token would be the redaction's main cost.
+            other => {
+                let _ = write!(out, "{other}");
+            }
         }
     }
     // A trailing `--` comment is written back with a newline the text did not have.

@@ -314,6 +314,7 @@ async fn handshake(
         parameters: &parameters,
     };
     let (mode, _) = settings.config.pool.for_role(login_role);
+    let target = shared.pools.target(login);
     // A transaction-pooled client starts without a connection when the pool already knows
     // what the server reports to a session with its parameters.
     let known = match mode {
@@ -326,7 +327,7 @@ async fn handshake(
         Some(startup) => Ok(Startup::Known(startup)),
         None => shared
             .pools
-            .acquire(&settings, login, generation, &shared.metrics)
+            .acquire(&target, &settings, login, generation, &shared.metrics)
             .await
             .map(Startup::Connected),
     };
@@ -432,6 +433,7 @@ async fn handshake(
         upstream,
         mode,
         parameters,
+        target,
         identity,
         grant,
         policy,

@@ -308,6 +308,7 @@ impl ProxyHandle {
             ("audit", same(&running.audit, &new.audit)),
             ("issuers", same(&running.issuers, &new.issuers)),
             ("limits", same(&running.limits, &new.limits)),
+            ("runtime", same(&running.runtime, &new.runtime)),
         ]
         .into_iter()
         .filter(|(_, same)| !same)

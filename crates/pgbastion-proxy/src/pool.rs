@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::renaming::{ConnectionStatements, MAX_STATEMENTS_PER_CONNECTION};
 use crate::settings::Settings;
 use bytes::BytesMut;
-use pgbastion_config::Pool as PoolConfig;
+use pgbastion_config::{Pool as PoolConfig, PoolMode};
 use pgbastion_wire::frame::{read_message, Fields};
 use pgbastion_wire::messages;
 use pgbastion_wire::stream::UpstreamStream;
@@ -35,6 +35,9 @@ use tokio::time::Instant;
 type Parameters = Vec<(String, String)>;
 /// ParameterStatus values, by name.
 type Statuses = Vec<(String, String)>;
+
+/// Idle connections are checked for a closed socket or unexpected bytes after this long.
+const QUIET_CHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// Largest message the pool reads itself (reset and health-check answers).
 const MAX_MESSAGE: usize = 1024 * 1024;
@@ -125,6 +128,13 @@ pub(crate) enum AcquireError {
     Upstream(#[from] UpstreamError),
 }
 
+/// A session's pool and sorted startup parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pool: Arc<Pool>,
+    parameters: Arc<Parameters>,
+}
+
 /// What a pool looks like now, for metrics.
 #[derive(Debug, Default, Clone)]
 pub struct PoolStatus {
@@ -161,36 +171,46 @@ impl Pools {
             .clone()
     }
 
+    /// Where a session's connections come from: its pool and its startup parameters, looked
+    /// up once (a transaction-pooled session acquires for every transaction).
+    pub fn target(&self, login: Login<'_>) -> Target {
+        let mut parameters = login.parameters.to_vec();
+        parameters.sort();
+        Target {
+            pool: self.pool(login.user, login.database),
+            parameters: Arc::new(parameters),
+        }
+    }
+
     /// A connection logged in as `login`: an idle one with the same startup parameters, a
     /// new one while the pool has room, else the first to come free within
     /// `pool.acquire_timeout`.
     pub async fn acquire(
         &self,
+        target: &Target,
         settings: &Settings,
         login: Login<'_>,
         generation: u64,
         metrics: &Metrics,
     ) -> Result<Checkout, AcquireError> {
         let config = &settings.config.pool;
-        let (_, max_size) = config.for_role(login.user);
-        let pool = self.pool(login.user, login.database);
-        let mut parameters = login.parameters.to_vec();
-        parameters.sort();
-        let parameters = Arc::new(parameters);
+        let (mode, max_size) = config.for_role(login.user);
+        let transaction = mode == PoolMode::Transaction;
+        let (pool, parameters) = (&target.pool, &target.parameters);
         let started = Instant::now();
         let deadline = started + config.acquire_timeout;
         loop {
             let changed = pool.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let (step, evicted) = pool.next_step(&parameters, max_size, generation);
+            let (step, evicted) = pool.next_step(parameters, max_size, generation);
             if let Some(evicted) = evicted {
                 metrics.pool_event("closed_to_make_room");
                 tokio::spawn(terminate(evicted));
             }
             match step {
                 Step::Reuse(mut idle) => {
-                    match usable(&mut idle, config, generation, settings).await {
+                    match usable(&mut idle, transaction, config, generation, settings).await {
                         Ok(()) => {
                             metrics.pool_event("reused");
                             let mut startup = BytesMut::new();
@@ -211,8 +231,15 @@ impl Pools {
                     }
                 }
                 Step::Open(slot) => {
-                    let (stream, lease, startup) =
-                        open(slot, settings, login, parameters, generation, metrics).await?;
+                    let (stream, lease, startup) = open(
+                        slot,
+                        settings,
+                        login,
+                        parameters.clone(),
+                        generation,
+                        metrics,
+                    )
+                    .await?;
                     metrics.pool_event("opened");
                     return Ok(Checkout {
                         stream,
@@ -427,7 +454,14 @@ impl Pool {
 
     fn put_idle(self: Arc<Self>, stream: UpstreamStream, lease: Lease) {
         let mut state = self.state.lock().expect("pool lock");
-        state.statuses = Some((lease.parameters.clone(), lease.status.clone()));
+        // Copied only when they may differ: this runs after every pooled transaction.
+        let known = state
+            .statuses
+            .as_ref()
+            .is_some_and(|(p, s)| *p == lease.parameters && *s == lease.status);
+        if !known {
+            state.statuses = Some((lease.parameters.clone(), lease.status.clone()));
+        }
         state.idle.push(Idle {
             stream,
             lease,
@@ -500,12 +534,17 @@ fn keepable(lease: &Lease, config: &PoolConfig, generation: u64) -> Result<(), &
 /// Whether an idle connection may serve a new client.
 async fn usable(
     idle: &mut Idle,
+    transaction: bool,
     config: &PoolConfig,
     generation: u64,
     settings: &Settings,
 ) -> Result<(), &'static str> {
     keepable(&idle.lease, config, generation)?;
-    if !idle.stream.is_quiet() {
+    // Under transaction pooling a connection back for less than a second skips the socket
+    // check: connections change hands thousands of times a second, and a syscall each time
+    // would guard against a failure that then shows at the next read instead.
+    let recent = transaction && idle.since.elapsed() < QUIET_CHECK_AFTER;
+    if !recent && !idle.stream.is_quiet() {
         return Err("closed_health_check");
     }
     if idle.since.elapsed() >= config.health_check_after {

@@ -16,7 +16,7 @@ use crate::client_side::{CatalogAccess, ClientToUpstream};
 use crate::executions::Executions;
 use crate::limits::{ConnectionSlot, SessionSlot, StatementRate};
 use crate::listener::Shared;
-use crate::pool::{AcquireError, Lease, Pools};
+use crate::pool::{AcquireError, Lease, Pools, Target};
 use crate::prepared::Book;
 use crate::renaming::{ConnectionStatements, Owed};
 use crate::reply::Refusal;
@@ -49,6 +49,8 @@ pub(crate) struct Session {
     pub mode: PoolMode,
     /// Startup parameters of the upstream login (transaction pooling logs in again with them).
     pub parameters: Vec<(String, String)>,
+    /// The session's pool.
+    pub target: Target,
     pub identity: Identity,
     pub grant: Grant,
     pub policy: Arc<CompiledPolicy>,
@@ -168,6 +170,7 @@ impl Session {
             upstream,
             mode,
             parameters,
+            target,
             identity,
             grant,
             policy,
@@ -273,8 +276,15 @@ impl Session {
                         Pools::release(read.unsplit(write), released, &shared);
                     }
                     Ended::NeedUpstream => {
-                        let acquired =
-                            attach(&shared, &settings, &login_role, &database, &parameters).await;
+                        let acquired = attach(
+                            &shared,
+                            &target,
+                            &settings,
+                            &login_role,
+                            &database,
+                            &parameters,
+                        )
+                        .await;
                         let (stream, mut attached) = match acquired {
                             Ok(acquired) => acquired,
                             Err(refusal) => break Ended::Refused(refusal),
@@ -378,6 +388,7 @@ impl Session {
 /// A connection for the next transaction of a transaction-pooled session.
 async fn attach(
     shared: &Shared,
+    target: &Target,
     settings: &Settings,
     login_role: &str,
     database: &str,
@@ -396,7 +407,7 @@ async fn attach(
     let generation = shared.generation();
     match shared
         .pools
-        .acquire(settings, login, generation, &shared.metrics)
+        .acquire(target, settings, login, generation, &shared.metrics)
         .await
     {
         Ok(checkout) => Ok((checkout.stream, checkout.lease)),

@@ -12,11 +12,12 @@ use pgbastion_wire::codes;
 use pgbastion_wire::frame::{header, HEADER_LEN};
 use pgbastion_wire::messages::{self, Report, Severity};
 use pgbastion_wire::stream::{ClientStream, UpstreamStream};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 pub(crate) struct UpstreamToClient<'a> {
     shared: &'a Shared,
@@ -34,6 +35,12 @@ pub(crate) struct UpstreamToClient<'a> {
     buf: BytesMut,
     /// Inside `process`: when the relay stops there, the stream is mid-message.
     processing: bool,
+    /// The expiry timers, created once for the session (`run` is entered again after each
+    /// transaction under transaction pooling) and whether each has fired.
+    warn: Pin<Box<Sleep>>,
+    end: Pin<Box<Sleep>>,
+    warn_fired: bool,
+    end_fired: bool,
     /// Completed executions, reported after each batch.
     pub finished: Vec<Finished>,
     /// Bytes relayed to the client.
@@ -52,6 +59,13 @@ impl<'a> UpstreamToClient<'a> {
         conn: u64,
         session_json: Arc<str>,
     ) -> Self {
+        let warn = Box::pin(tokio::time::sleep_until(
+            expiry.warn_at.unwrap_or_else(far_future),
+        ));
+        let end = Box::pin(tokio::time::sleep_until(
+            expiry.end_at.unwrap_or_else(far_future),
+        ));
+        let (warn_fired, end_fired) = (expiry.warn_at.is_none(), expiry.end_at.is_none());
         UpstreamToClient {
             shared,
             upstream,
@@ -63,8 +77,14 @@ impl<'a> UpstreamToClient<'a> {
             terminate: shared.terminate.clone(),
             conn,
             session_json,
-            buf: BytesMut::with_capacity(READ_BUFFER),
+            // Allocated at the first read: a transaction-pooled session spends most of its
+            // life without a connection.
+            buf: BytesMut::new(),
             processing: false,
+            warn,
+            end,
+            warn_fired,
+            end_fired,
             finished: Vec::new(),
             bytes: 0,
         }
@@ -90,12 +110,6 @@ impl<'a> UpstreamToClient<'a> {
     }
 
     pub async fn run(&mut self) -> Ended {
-        // Created once: a timer registered per loop turn would cost a timer-wheel insert and
-        // removal for every batch of messages.
-        let warn = sleep_until(self.expiry.warn_at);
-        let end = sleep_until(self.expiry.end_at);
-        tokio::pin!(warn, end);
-        let (mut warn_fired, mut end_fired) = (false, false);
         let mut terminating = *self.terminate.borrow();
         loop {
             tokio::select! {
@@ -114,16 +128,13 @@ impl<'a> UpstreamToClient<'a> {
                         Ok(Some(ended)) => return ended,
                         Err(_) => return Ended::ClientGone,
                     }
-                    if self.buf.capacity() < READ_BUFFER {
-                        self.buf.reserve(READ_BUFFER);
-                    }
                 }
-                _ = &mut warn, if !warn_fired => {
-                    warn_fired = true;
+                _ = &mut self.warn, if !self.warn_fired => {
+                    self.warn_fired = true;
                     self.expiry.warning_due = true;
                 }
-                _ = &mut end, if !end_fired => {
-                    end_fired = true;
+                _ = &mut self.end, if !self.end_fired => {
+                    self.end_fired = true;
                     self.expiry.expired = true;
                 }
                 changed = self.terminate.changed(), if !terminating => {
@@ -421,14 +432,17 @@ async fn read_some(
     buf: &mut BytesMut,
 ) -> std::io::Result<usize> {
     match upstream {
-        Some(upstream) => upstream.read_buf(buf).await,
+        Some(upstream) => {
+            if buf.capacity() - buf.len() < READ_BUFFER / 4 {
+                buf.reserve(READ_BUFFER);
+            }
+            upstream.read_buf(buf).await
+        }
         None => std::future::pending().await,
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+/// A deadline for a timer that is never polled (its branch is disabled).
+fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }

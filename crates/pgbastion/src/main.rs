@@ -115,13 +115,39 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // `serve` reads its configuration first: it says how many threads to run.
+    let serving = match &cli.command {
+        Command::Serve { config } => match pgbastion_config::load(config) {
+            Ok(loaded) => Some((config.clone(), loaded)),
+            Err(problems) => {
+                eprintln!("{}: invalid configuration:\n{problems}", config.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let threads = serving
+        .as_ref()
+        .map_or(0, |(_, config)| config.runtime.worker_threads);
+    let runtime = match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config } => serve(config).await,
+            Command::Serve { .. } => {
+                let (path, config) = serving.expect("loaded above");
+                serve(path, config).await
+            }
             Command::Check { config } => check(config),
             Command::Demo { listen } => demo::run(listen).await,
             Command::Policy { command } => match command {
@@ -153,14 +179,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(path: PathBuf) -> Result<ExitCode> {
-    let config = match pgbastion_config::load(&path) {
-        Ok(config) => config,
-        Err(problems) => {
-            eprintln!("{}: invalid configuration:\n{problems}", path.display());
-            return Ok(ExitCode::FAILURE);
-        }
-    };
+async fn serve(path: PathBuf, config: pgbastion_config::Config) -> Result<ExitCode> {
     let proxy = pgbastion_proxy::Proxy::bind(config)
         .await
         .context("starting")?;
