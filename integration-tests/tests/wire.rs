@@ -337,3 +337,114 @@ async fn names_that_are_not_ascii_and_queries_inside_pipelines_are_refused() {
     let (tag, body) = read_message(&mut tls).await;
     assert_eq!((tag, field(&body, b'C')), (b'E', "08P01".to_string()));
 }
+
+/// The rows' first values of the messages up to ReadyForQuery, and the SQLSTATEs of errors.
+async fn first_values(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+) -> (Vec<String>, Vec<String>) {
+    let (mut values, mut codes) = (Vec::new(), Vec::new());
+    loop {
+        let (tag, body) = read_message(tls).await;
+        match tag {
+            b'D' => {
+                let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
+                values.push(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
+            }
+            b'E' => codes.push(field(&body, b'C')),
+            b'Z' => return (values, codes),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_pooled_session_never_runs_a_statement_another_session_left() {
+    let h = Harness::start_with(|c| {
+        c.pool.mode = pgbastion_config::PoolMode::Transaction;
+        c.pool.max_size = 1;
+    })
+    .await;
+    let sync = message(b'S', b"");
+    let mut bob = raw_session(&h, "bob").await;
+    let mut other = raw_session(&h, "bob").await;
+    bob.write_all(&[parse("", "SELECT 'bob'"), sync.clone()].concat())
+        .await
+        .unwrap();
+    assert_eq!(replies(&mut bob).await, ("1Z".into(), vec![]));
+    // The other session leaves its unnamed and a named statement on the one connection.
+    other
+        .write_all(
+            &[
+                parse("", "SELECT 'other unnamed'"),
+                parse("s1", "SELECT 'other named'"),
+                sync.clone(),
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(replies(&mut other).await, ("11Z".into(), vec![]));
+    // Bob's Bind of the unnamed statement runs bob's, prepared again for him.
+    bob.write_all(&bind_execute_sync("")).await.unwrap();
+    assert_eq!(first_values(&mut bob).await, (vec!["bob".into()], vec![]));
+    // After bob's Close, a Bind of the unnamed statement is 26000, never the other's.
+    bob.write_all(&[message(b'C', b"S\0"), bind_execute_sync("")].concat())
+        .await
+        .unwrap();
+    assert_eq!(first_values(&mut bob).await, (vec![], vec!["26000".into()]));
+    // Nor can bob run the other's named statement by its name upstream.
+    bob.write_all(&message(
+        b'Q',
+        b"SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgbastion%'\0",
+    ))
+    .await
+    .unwrap();
+    let (names, codes) = first_values(&mut bob).await;
+    assert!(codes.is_empty(), "{codes:?}");
+    assert_eq!(
+        names.len(),
+        1,
+        "the other session's statement is on the connection"
+    );
+    bob.write_all(&[bind_execute_sync(&names[0])].concat())
+        .await
+        .unwrap();
+    assert_eq!(first_values(&mut bob).await, (vec![], vec!["26000".into()]));
+    bob.write_all(&message(b'Q', format!("EXECUTE {}\0", names[0]).as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(first_values(&mut bob).await, (vec![], vec!["26000".into()]));
+    // The other session's own statements still work for it.
+    other
+        .write_all(&[bind_execute_sync("s1"), bind_execute_sync("")].concat())
+        .await
+        .unwrap();
+    assert_eq!(
+        first_values(&mut other).await,
+        (vec!["other named".into()], vec![])
+    );
+    assert_eq!(
+        first_values(&mut other).await,
+        (vec!["other unnamed".into()], vec![])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_arriving_in_pieces_to_a_transaction_pooled_session_is_waited_for() {
+    let h = Harness::start_with(|c| {
+        c.pool.mode = pgbastion_config::PoolMode::Transaction;
+        c.pool.max_size = 1;
+    })
+    .await;
+    let mut bob = raw_session(&h, "bob").await;
+    let query = message(b'Q', b"SELECT 'in pieces'\0");
+    for piece in query.chunks(3) {
+        bob.write_all(piece).await.unwrap();
+        bob.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(10), first_values(&mut bob))
+        .await
+        .expect("an answer");
+    assert_eq!(answer, (vec!["in pieces".into()], vec![]));
+}

@@ -236,7 +236,11 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
                     TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)
                 )
             });
-            Transaction
+            // SET SESSION CHARACTERISTICS AS TRANSACTION ...: the session's defaults.
+            match statement {
+                Statement::Set(Set::SetTransaction { session: true, .. }) => Session,
+                _ => Transaction,
+            }
         }
         Statement::Commit { .. }
         | Statement::Rollback { .. }

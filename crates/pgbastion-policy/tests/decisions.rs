@@ -842,6 +842,7 @@ fn statements_that_may_leave_session_state_are_told_apart() {
         "END",
         "SELECT pg_advisory_xact_lock(1)",
         "COPY orders TO STDOUT",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
     ] {
         assert!(!leaves(sql), "{sql} leaves no session state");
     }
@@ -858,6 +859,7 @@ fn statements_that_may_leave_session_state_are_told_apart() {
         "LISTEN channel",
         "CALL refresh_everything()",
         "SELECT 1; SET search_path = public",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
     ] {
         assert!(leaves(sql), "{sql} may leave session state");
     }

@@ -4,15 +4,19 @@
 
 use rand::Rng;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use subtle::ConstantTimeEq;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     secret: i32,
     /// The upstream connection the session is using; None between transactions of a
     /// transaction pool (nothing runs, so there is nothing to cancel).
     upstream: Option<(i32, i32)>,
+    /// Cancel requests being forwarded for this session right now.
+    in_flight: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Default)]
@@ -26,9 +30,30 @@ pub struct CancelKey {
     registry: Arc<CancelRegistry>,
     pub pid: i32,
     pub secret: i32,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A cancel request on its way upstream; the session's connection is not handed to anyone
+/// else while it exists (see `CancelKey::settle`).
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl CancelKey {
+    /// Waits (up to `max`) for cancel requests being forwarded to this session's connection,
+    /// so that none reaches the connection's next user.
+    pub async fn settle(&self, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        while self.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// The session moved to another upstream connection, or to none.
     pub fn set_upstream(&self, upstream: Option<(i32, i32)>) {
         if let Some(entry) = self
@@ -65,31 +90,39 @@ impl CancelRegistry {
             }
         };
         let secret = rng.random::<i32>();
-        entries.insert(pid, Entry { secret, upstream });
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        entries.insert(
+            pid,
+            Entry {
+                secret,
+                upstream,
+                in_flight: in_flight.clone(),
+            },
+        );
         CancelKey {
             registry: self.clone(),
             pid,
             secret,
+            in_flight,
         }
     }
 
-    /// The upstream (pid, secret) for a client's cancel key, if the key is right.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<(i32, i32)> {
-        let entry = *self
-            .entries
-            .lock()
-            .expect("cancel registry lock")
-            .get(&pid)?;
+    /// The upstream (pid, secret) for a client's cancel key, if the key is right, with the
+    /// mark that keeps the connection from changing hands until the request is sent.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<((i32, i32), InFlight)> {
+        let entries = self.entries.lock().expect("cancel registry lock");
+        let entry = entries.get(&pid)?;
         let matches: bool = entry
             .secret
             .to_be_bytes()
             .ct_eq(&secret.to_be_bytes())
             .into();
-        if matches {
-            entry.upstream
-        } else {
-            None
+        if !matches {
+            return None;
         }
+        let upstream = entry.upstream?;
+        entry.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some((upstream, InFlight(entry.in_flight.clone())))
     }
 }
 
@@ -101,10 +134,21 @@ mod tests {
     fn only_the_right_key_maps_to_the_upstream_and_it_expires_with_the_session() {
         let registry = Arc::new(CancelRegistry::default());
         let key = registry.register(Some((4242, 7)));
-        assert_eq!(registry.lookup(key.pid, key.secret), Some((4242, 7)));
-        assert_eq!(registry.lookup(key.pid, key.secret.wrapping_add(1)), None);
+        let (upstream, in_flight) = registry.lookup(key.pid, key.secret).unwrap();
+        assert_eq!(upstream, (4242, 7));
+        assert_eq!(key.in_flight.load(Ordering::Acquire), 1);
+        drop(in_flight);
+        assert_eq!(key.in_flight.load(Ordering::Acquire), 0);
+        assert!(registry
+            .lookup(key.pid, key.secret.wrapping_add(1))
+            .is_none());
+        key.set_upstream(None);
+        assert!(
+            registry.lookup(key.pid, key.secret).is_none(),
+            "between transactions"
+        );
         let (pid, secret) = (key.pid, key.secret);
         drop(key);
-        assert_eq!(registry.lookup(pid, secret), None);
+        assert!(registry.lookup(pid, secret).is_none());
     }
 }

@@ -52,8 +52,6 @@ pub(crate) struct ClientToUpstream<'a> {
     /// released between transactions until the session creates session state.
     transaction_pool: bool,
     statements: ClientStatements,
-    /// Counts the connections the session has been attached to (transaction pooling).
-    cycle: u64,
     ledger: &'a Mutex<Ledger>,
     sentinel: &'a str,
     user: &'a str,
@@ -124,7 +122,6 @@ impl<'a> ClientToUpstream<'a> {
             buf: BytesMut::with_capacity(READ_BUFFER),
             transaction_pool,
             statements: ClientStatements::default(),
-            cycle: 0,
             ledger,
             sentinel,
             user,
@@ -160,7 +157,6 @@ impl<'a> ClientToUpstream<'a> {
     /// Starts forwarding to a connection (transaction pooling).
     pub fn attach(&mut self, upstream: WriteHalf<UpstreamStream>) {
         self.upstream = Some(upstream);
-        self.cycle += 1;
     }
 
     /// Gives the connection back (after a release, or at the end).
@@ -231,11 +227,16 @@ impl<'a> ClientToUpstream<'a> {
                 Ok(None) => break,
                 Err(err) => return Ok(Some(Ended::Refused(Refusal::from(err)))),
             };
-            if self.upstream.is_none() && tag != b'X' {
-                // Transaction pooling between transactions: nothing was taken from `buf` yet.
+            let available = buf.len() - ready;
+            // Transaction pooling between transactions: a connection is taken once a message
+            // is whole (or a large one starts streaming), never for a part of one, which
+            // would be released at once and taken again without reading more.
+            let whole =
+                available >= total || (total > WHOLE_MESSAGE && !matches!(tag, b'Q' | b'P' | b'F'));
+            if self.upstream.is_none() && tag != b'X' && whole {
+                // Nothing was taken from `buf` yet.
                 return Ok(Some(Ended::NeedUpstream));
             }
-            let available = buf.len() - ready;
             let inspect = matches!(tag, b'Q' | b'P' | b'F');
             if inspect && total - HEADER_LEN > self.max_statement {
                 return Ok(Some(Ended::Refused(Refusal::StatementTooLarge {
@@ -247,6 +248,12 @@ impl<'a> ClientToUpstream<'a> {
                 if inspect || total <= WHOLE_MESSAGE {
                     buf.reserve(total - available);
                     break;
+                }
+                if self.skipping && tag != b'S' {
+                    // After a denied Parse everything up to Sync is dropped, large ones too.
+                    self.flush_ready(buf, &mut ready).await?;
+                    self.passthrough = total;
+                    continue;
                 }
                 // A large Bind or CopyData: stream it (a Bind once its names are checked).
                 if tag == b'B' {
@@ -344,6 +351,10 @@ impl<'a> ClientToUpstream<'a> {
                         }
                         if tag != b'P' {
                             let mut ledger = self.ledger.lock().expect("ledger lock");
+                            if tag == b'Q' && self.transaction_pool {
+                                // A simple Query destroys the unnamed statement.
+                                ledger.connection.lose_unnamed();
+                            }
                             if tag == b'Q' {
                                 let about = self.about_query(body);
                                 let group = ledger.sent;
@@ -638,10 +649,19 @@ impl<'a> ClientToUpstream<'a> {
         for schema in &effects.search_path {
             self.widen_search_path(schema.clone());
         }
+        // An EXECUTE of a name the proxy never approved fails upstream: nothing to decide.
+        // Except under transaction pooling: a shared connection holds other sessions'
+        // statements, so only the session's own (or one PREPAREd just before in the same
+        // request) may run.
+        let mut prepared_here = Vec::new();
         for op in &effects.prepared {
-            // An EXECUTE of a name the proxy never approved fails upstream: nothing to decide.
-            if let PreparedOp::Execute(name) = op {
-                self.redecide_nested(name, catalog.as_deref(), &mut Vec::new(), true)?;
+            match op {
+                PreparedOp::Prepare(name) => prepared_here.push(name.clone()),
+                PreparedOp::Execute(name) if !prepared_here.contains(name) => {
+                    let unknown_ok = !self.transaction_pool;
+                    self.redecide_nested(name, catalog.as_deref(), &mut Vec::new(), unknown_ok)?;
+                }
+                _ => {}
             }
         }
         self.record(&request, &verdict)
@@ -848,7 +868,7 @@ impl<'a> ClientToUpstream<'a> {
             // `EXECUTE q` prepared as a Parse: q may have gone stale too.
             for op in &verdict.1.prepared {
                 if let PreparedOp::Execute(inner) = op {
-                    self.redecide_nested(inner, catalog, outer, true)?;
+                    self.redecide_nested(inner, catalog, outer, !self.transaction_pool)?;
                 }
             }
             renewed.push(self.about(&text, Some(name), &verdict));
@@ -1009,7 +1029,7 @@ impl<'a> ClientToUpstream<'a> {
         definition: Arc<Definition>,
     ) -> std::io::Result<()> {
         self.statements
-            .define(statement_name(name), definition.clone(), self.cycle);
+            .define(statement_name(name), definition.clone());
         let mut out = BytesMut::new();
         {
             let mut ledger = self.ledger.lock().expect("ledger lock");
@@ -1022,7 +1042,7 @@ impl<'a> ClientToUpstream<'a> {
                 out.extend_from_slice(&definition.parse);
                 ledger
                     .owed
-                    .parse_sent(group, false, &definition.upstream, &mut ledger.connection);
+                    .parse_sent(group, false, &definition, &mut ledger.connection);
             }
         }
         self.replace(buf, ready, total, &out).await
@@ -1030,19 +1050,19 @@ impl<'a> ClientToUpstream<'a> {
 
     /// Transaction pooling: the statement `name` is about to be used; the Parse that prepares
     /// it on this connection if it lacks it, and its upstream name (None: a name the session
-    /// never defined, left as it is).
+    /// has not defined).
     fn prepare_here(&mut self, name: &str, out: &mut BytesMut) -> Option<String> {
         let mut ledger = self.ledger.lock().expect("ledger lock");
         let ledger = &mut *ledger;
-        let (definition, missing) =
-            self.statements
-                .lookup(statement_name(name), self.cycle, &ledger.connection)?;
+        let (definition, missing) = self
+            .statements
+            .lookup(statement_name(name), &ledger.connection)?;
         if missing {
             out.extend_from_slice(&definition.parse);
             let group = ledger.sent;
             ledger
                 .owed
-                .parse_sent(group, true, &definition.upstream, &mut ledger.connection);
+                .parse_sent(group, true, &definition, &mut ledger.connection);
         }
         Some(definition.upstream.clone())
     }
@@ -1061,7 +1081,7 @@ impl<'a> ClientToUpstream<'a> {
         let mut out = BytesMut::new();
         let upstream = self
             .prepare_here(name, &mut out)
-            .unwrap_or_else(|| name.to_string());
+            .unwrap_or_else(|| NO_STATEMENT.to_string());
         let head = HEADER_LEN + portal.len() + name.len() + 2;
         let length = 4 + portal.len() + 1 + upstream.len() + 1 + (total - head);
         out.extend_from_slice(b"B");
@@ -1090,7 +1110,7 @@ impl<'a> ClientToUpstream<'a> {
         let mut out = BytesMut::new();
         let upstream = self
             .prepare_here(name, &mut out)
-            .unwrap_or_else(|| name.to_string());
+            .unwrap_or_else(|| NO_STATEMENT.to_string());
         out.extend_from_slice(b"D");
         out.extend_from_slice(&(4 + 1 + upstream.len() as u32 + 1).to_be_bytes());
         out.extend_from_slice(b"S");
@@ -1130,6 +1150,11 @@ impl<'a> ClientToUpstream<'a> {
             ledger.denials.push_back(PendingDenial { group, report });
             match tag {
                 b'P' => {
+                    if self.transaction_pool && statement.is_empty() {
+                        // The failing Parse drops the unnamed statement upstream too.
+                        ledger.connection.lose_unnamed();
+                        self.statements.forget("");
+                    }
                     let mut body = BytesMut::new();
                     body.extend_from_slice(statement.as_bytes());
                     body.extend_from_slice(b"\0");

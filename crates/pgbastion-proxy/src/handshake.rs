@@ -505,7 +505,7 @@ async fn request_password(
 
 async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     match shared.cancels.lookup(pid, secret) {
-        Some((upstream_pid, upstream_secret)) => {
+        Some(((upstream_pid, upstream_secret), _in_flight)) => {
             if let Err(err) =
                 upstream::cancel(&shared.settings().upstream, upstream_pid, upstream_secret).await
             {

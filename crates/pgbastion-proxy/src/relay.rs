@@ -273,6 +273,7 @@ impl Session {
                         released.statements =
                             std::mem::take(&mut ledger.lock().expect("ledger lock").connection);
                         cancel.set_upstream(None);
+                        cancel.settle(settings.upstream.connect_timeout).await;
                         Pools::release(read.unsplit(write), released, &shared);
                     }
                     Ended::NeedUpstream => {
@@ -357,6 +358,8 @@ impl Session {
         // Terminate between requests, every request was answered, no transaction is open.
         let clean = matches!(ended, Ended::ClientTerminated) && between_requests && idle;
         let pinned = transaction_pool && !ledger.lock().expect("ledger lock").releasing;
+        cancel.set_upstream(None);
+        cancel.settle(settings.upstream.connect_timeout).await;
         match (upstream, lease) {
             (Some(stream), Some(mut lease)) => {
                 lease.statements =

@@ -63,14 +63,13 @@ impl Definition {
 #[derive(Debug, Default)]
 pub(crate) struct ClientStatements {
     named: HashMap<String, Arc<Definition>>,
-    /// The unnamed statement and the connection (attach cycle) it was last prepared on.
-    unnamed: Option<(Arc<Definition>, u64)>,
+    unnamed: Option<Arc<Definition>>,
 }
 
 impl ClientStatements {
-    pub fn define(&mut self, name: &str, definition: Arc<Definition>, cycle: u64) {
+    pub fn define(&mut self, name: &str, definition: Arc<Definition>) {
         if name.is_empty() {
-            self.unnamed = Some((definition, cycle));
+            self.unnamed = Some(definition);
         } else {
             self.named.insert(name.to_string(), definition);
         }
@@ -84,19 +83,21 @@ impl ClientStatements {
         }
     }
 
-    /// What a Bind or Describe of `name` runs on the connection of attach `cycle`, and
-    /// whether it must be prepared there first. None: a statement the session never defined
-    /// (forwarded as is: the upstream answers 26000).
+    /// What a Bind or Describe of `name` runs on `connection`, and whether it must be
+    /// prepared there first. None: a statement the session has not defined; the caller sends
+    /// `NO_STATEMENT` instead, so the upstream answers 26000 rather than running a statement
+    /// another session left on the connection.
     pub fn lookup(
-        &mut self,
+        &self,
         name: &str,
-        cycle: u64,
         connection: &ConnectionStatements,
     ) -> Option<(Arc<Definition>, bool)> {
         if name.is_empty() {
-            let (definition, prepared_in) = self.unnamed.as_mut()?;
-            let missing = *prepared_in != cycle;
-            *prepared_in = cycle;
+            let definition = self.unnamed.as_ref()?;
+            let missing = !connection
+                .unnamed
+                .as_ref()
+                .is_some_and(|held| Arc::ptr_eq(held, definition));
             return Some((definition.clone(), missing));
         }
         let definition = self.named.get(name)?;
@@ -109,6 +110,9 @@ impl ClientStatements {
 #[derive(Debug, Default)]
 pub(crate) struct ConnectionStatements {
     names: HashSet<String>,
+    /// Which session definition the connection's unnamed statement holds, if any is known:
+    /// the unnamed statement outlives transactions, so it may be another session's.
+    unnamed: Option<Arc<Definition>>,
 }
 
 impl ConnectionStatements {
@@ -122,6 +126,12 @@ impl ConnectionStatements {
 
     pub fn clear(&mut self) {
         self.names.clear();
+        self.unnamed = None;
+    }
+
+    /// A simple Query or a refused Parse destroys the unnamed statement.
+    pub fn lose_unnamed(&mut self) {
+        self.unnamed = None;
     }
 }
 
@@ -141,14 +151,16 @@ impl Owed {
         &mut self,
         group: u64,
         swallow: bool,
-        upstream: &str,
+        definition: &Arc<Definition>,
         connection: &mut ConnectionStatements,
     ) {
-        let name = (!upstream.is_empty()).then(|| upstream.to_string());
-        if let Some(name) = &name {
-            connection.names.insert(name.clone());
+        if definition.upstream.is_empty() {
+            connection.unnamed = Some(definition.clone());
+        } else {
+            connection.names.insert(definition.upstream.clone());
         }
-        self.parses.push_back((group, swallow, name));
+        self.parses
+            .push_back((group, swallow, Some(definition.upstream.clone())));
     }
 
     /// A Close sent upstream; `as_parse`: it stands in for a client's Parse.
@@ -174,8 +186,13 @@ impl Owed {
     /// statements those Parses would have prepared are not there.
     pub fn ready(&mut self, group: u64, connection: &mut ConnectionStatements) {
         while self.parses.front().is_some_and(|(g, _, _)| *g <= group) {
-            if let Some((_, _, Some(name))) = self.parses.pop_front() {
-                connection.names.remove(&name);
+            match self.parses.pop_front() {
+                // A failed unnamed Parse drops the unnamed statement too.
+                Some((_, _, Some(name))) if name.is_empty() => connection.unnamed = None,
+                Some((_, _, Some(name))) => {
+                    connection.names.remove(&name);
+                }
+                _ => {}
             }
         }
         while self.closes.front().is_some_and(|(g, _)| *g <= group) {
@@ -223,22 +240,47 @@ mod tests {
     fn answers_after_an_error_are_forgotten_with_what_they_would_have_prepared() {
         let mut connection = ConnectionStatements::default();
         let mut owed = Owed::default();
-        owed.parse_sent(0, true, "pgbastion_a", &mut connection);
-        owed.parse_sent(0, false, "pgbastion_b", &mut connection);
+        let named = |query: &str| Definition::new(true, query, &[0, 0]);
+        let (a, b, c) = (named("SELECT 1"), named("SELECT 2"), named("SELECT 3"));
+        let unnamed = Definition::new(false, "SELECT 4", &[0, 0]);
+        owed.parse_sent(0, true, &a, &mut connection);
+        owed.parse_sent(0, false, &b, &mut connection);
+        owed.parse_sent(0, false, &unnamed, &mut connection);
         owed.close_sent(0, true);
-        owed.parse_sent(1, false, "pgbastion_c", &mut connection);
+        owed.parse_sent(1, false, &c, &mut connection);
         assert!(owed.parse_complete(), "the injected one is swallowed");
-        // An error: b's ParseComplete and the Close's answer never come.
+        // An error: b's and the unnamed ParseComplete and the Close's answer never come.
         owed.ready(0, &mut connection);
-        assert!(connection.holds("pgbastion_a"));
-        assert!(!connection.holds("pgbastion_b"));
+        assert!(connection.holds(&a.upstream));
+        assert!(!connection.holds(&b.upstream));
+        assert!(connection.unnamed.is_none());
         assert!(
-            connection.holds("pgbastion_c"),
+            connection.holds(&c.upstream),
             "the next group's is still owed"
         );
         assert!(!owed.parse_complete());
         owed.ready(1, &mut connection);
         assert!(owed.is_empty());
-        assert!(connection.holds("pgbastion_c"));
+        assert!(connection.holds(&c.upstream));
+    }
+
+    #[test]
+    fn another_sessions_unnamed_statement_is_never_taken_for_ours() {
+        let mut connection = ConnectionStatements::default();
+        let mut owed = Owed::default();
+        let mut ours = ClientStatements::default();
+        let our_unnamed = Definition::new(false, "SELECT 1", &[0, 0]);
+        ours.define("", our_unnamed.clone());
+        // Another session parses its own unnamed statement on the connection.
+        let theirs = Definition::new(false, "SELECT secret FROM payroll", &[0, 0]);
+        owed.parse_sent(0, false, &theirs, &mut connection);
+        let (definition, missing) = ours.lookup("", &connection).unwrap();
+        assert!(Arc::ptr_eq(&definition, &our_unnamed));
+        assert!(missing, "ours is prepared again before our Bind");
+        owed.parse_sent(1, true, &definition, &mut connection);
+        assert!(!ours.lookup("", &connection).unwrap().1);
+        ours.forget("");
+        assert!(ours.lookup("", &connection).is_none(), "after Close: 26000");
+        assert!(ours.lookup("s1", &connection).is_none());
     }
 }

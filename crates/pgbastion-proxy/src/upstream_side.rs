@@ -33,6 +33,8 @@ pub(crate) struct UpstreamToClient<'a> {
     session_json: Arc<str>,
     /// Bytes read and not yet relayed.
     buf: BytesMut,
+    /// Our own message (the expiry warning) not yet written whole.
+    own: BytesMut,
     /// Inside `process`: when the relay stops there, the stream is mid-message.
     processing: bool,
     /// The expiry timers, created once for the session (`run` is entered again after each
@@ -80,6 +82,7 @@ impl<'a> UpstreamToClient<'a> {
             // Allocated at the first read: a transaction-pooled session spends most of its
             // life without a connection.
             buf: BytesMut::new(),
+            own: BytesMut::new(),
             processing: false,
             warn,
             end,
@@ -109,7 +112,25 @@ impl<'a> UpstreamToClient<'a> {
         self.upstream.take()
     }
 
+    /// Writes our own pending message. Cancel-safe: what was written is taken off `own`, so
+    /// when the relay stops in between (a transaction-pooled session releasing its
+    /// connection), the next `run` finishes the message before anything else.
+    async fn write_own(&mut self) -> std::io::Result<()> {
+        if self.own.is_empty() {
+            return Ok(());
+        }
+        while !self.own.is_empty() {
+            if self.client.write_buf(&mut self.own).await? == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+        }
+        self.client.flush().await
+    }
+
     pub async fn run(&mut self) -> Ended {
+        if self.write_own().await.is_err() {
+            return Ended::ClientGone;
+        }
         let mut terminating = *self.terminate.borrow();
         loop {
             tokio::select! {
@@ -151,7 +172,6 @@ impl<'a> UpstreamToClient<'a> {
                 }
                 if self.expiry.warning_due {
                     self.expiry.warning_due = false;
-                    let mut out = BytesMut::new();
                     Report::new(
                         Severity::Warning,
                         codes::WARNING,
@@ -161,10 +181,8 @@ impl<'a> UpstreamToClient<'a> {
                         ),
                     )
                     .hint("reconnect with a fresh access token before then")
-                    .encode(&mut out);
-                    if self.client.write_all(&out).await.is_err()
-                        || self.client.flush().await.is_err()
-                    {
+                    .encode(&mut self.own);
+                    if self.write_own().await.is_err() {
                         return Ended::ClientGone;
                     }
                 }
@@ -286,6 +304,10 @@ impl<'a> UpstreamToClient<'a> {
                     let group = ledger.ready;
                     if ledger.executions.front_kind(group) == Some("execute") {
                         ledger.book.uncertain();
+                        // Answers no longer pair with what was sent, so the proxy's own
+                        // Parse and Close answers (transaction pooling) cannot be told
+                        // apart either: the session keeps this connection to its end.
+                        ledger.releasing = false;
                     }
                     ready += total;
                 }
