@@ -334,20 +334,19 @@ impl<'a> ClientToUpstream<'a> {
                             self.ledger.lock().expect("ledger lock").releasing = false;
                         }
                         if tag == b'P' && self.transaction_pool {
-                            let parse = messages::parse_message(body)
-                                .map(|p| (p.statement.to_string(), p.query.len()));
-                            if let Ok((name, query_len)) = parse {
-                                let query = &body[name.len() + 1..name.len() + 1 + query_len];
-                                let types = &body[name.len() + query_len + 2..];
-                                let definition = Definition::new(
-                                    !name.is_empty(),
-                                    std::str::from_utf8(query).unwrap_or_default(),
-                                    types,
-                                );
-                                self.forward_parse(buf, &mut ready, total, &name, definition)
-                                    .await?;
-                                continue;
-                            }
+                            // Decided above, so it parses; were it not to, nothing unnamed by
+                            // the proxy may reach a shared connection.
+                            let Ok(parse) = messages::parse_message(body) else {
+                                return Ok(Some(Ended::Refused(Refusal::Protocol(
+                                    "malformed Parse message".into(),
+                                ))));
+                            };
+                            let name = parse.statement.to_string();
+                            let types = &body[name.len() + parse.query.len() + 2..];
+                            let definition = Definition::new(!name.is_empty(), parse.query, types);
+                            self.forward_parse(buf, &mut ready, total, &name, definition)
+                                .await?;
+                            continue;
                         }
                         if tag != b'P' {
                             let mut ledger = self.ledger.lock().expect("ledger lock");

@@ -265,7 +265,7 @@ impl<'a> UpstreamToClient<'a> {
                     };
                     if injected {
                         // A Parse the proxy injected (transaction pooling): not the client's.
-                        self.skip(buf, &mut ready, total, &[]).await?;
+                        self.replace(buf, &mut ready, total, &[]).await?;
                     } else {
                         ready += total;
                     }
@@ -282,7 +282,7 @@ impl<'a> UpstreamToClient<'a> {
                     };
                     if stand_in {
                         // The stand-in for a Parse of a statement the connection held.
-                        self.skip(buf, &mut ready, total, &[b'1', 0, 0, 0, 4])
+                        self.replace(buf, &mut ready, total, &[b'1', 0, 0, 0, 4])
                             .await?;
                     } else {
                         ready += total;
@@ -339,15 +339,9 @@ impl<'a> UpstreamToClient<'a> {
                     };
                     match replacement {
                         Some(denial) => {
-                            if ready > 0 {
-                                self.client.write_all(&buf[..ready]).await?;
-                                buf.advance(ready);
-                                ready = 0;
-                            }
-                            buf.advance(total);
                             let mut out = BytesMut::new();
                             denial.report.encode(&mut out);
-                            self.client.write_all(&out).await?;
+                            self.replace(buf, &mut ready, total, &out).await?;
                         }
                         None => ready += total,
                     }
@@ -372,7 +366,7 @@ impl<'a> UpstreamToClient<'a> {
     }
 
     /// Relays what is ready, then `replacement` in place of the `total` bytes that follow.
-    async fn skip(
+    async fn replace(
         &mut self,
         buf: &mut BytesMut,
         ready: &mut usize,
