@@ -5,9 +5,9 @@ pub const ZERO_HASH: &str = "000000000000000000000000000000000000000000000000000
 
 /// The hex SHA-256 of one line, without its newline. (ring's SHA-256 uses the CPU's SHA or
 /// AVX2 instructions: on the writer thread it is the largest cost per record.)
-pub fn line_hash(line: &str) -> String {
+pub fn line_hash(line: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digest = ring::digest::digest(&ring::digest::SHA256, line.as_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA256, line);
     // By table rather than `hex::encode`, which builds the string a char at a time.
     let mut hex = Vec::with_capacity(64);
     for byte in digest.as_ref() {
@@ -38,7 +38,7 @@ impl ChainHead {
     pub fn after(line: &str) -> Option<ChainHead> {
         let value: serde_json::Value = serde_json::from_str(line).ok()?;
         Some(ChainHead {
-            prev: line_hash(line),
+            prev: line_hash(line.as_bytes()),
             seq: value.get("seq")?.as_u64()? + 1,
         })
     }

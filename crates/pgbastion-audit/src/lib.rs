@@ -6,13 +6,14 @@
 //! Must not depend on the wire, auth, policy or proxy crates: statement redaction is handed in.
 
 mod chain;
+mod json;
 mod record;
 mod sink;
 mod verify;
 mod writer;
 
-pub use chain::ZERO_HASH;
-pub use record::{Event, Outcome, Record, StatementRecord, StatementStatus};
+pub use chain::{line_hash, ZERO_HASH};
+pub use record::{Event, Outcome, Record, Session, StatementRecord, StatementStatus};
 pub use verify::{verify_files, Verified};
 pub use writer::WriterHandle;
 pub use writer::{Auditor, Redactor};

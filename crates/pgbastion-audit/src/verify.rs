@@ -54,7 +54,7 @@ pub fn verify_files(files: &[PathBuf]) -> Result<Verified, String> {
                     }
                 }
             }
-            prev = Some((line_hash(&line), seq));
+            prev = Some((line_hash(line.as_bytes()), seq));
             records += 1;
         }
     }

@@ -98,6 +98,7 @@ impl Auditor {
             redactor,
             memo: HashMap::new(),
             counters: counters.clone(),
+            out: Vec::with_capacity(BATCH * 640),
         };
         let thread = std::thread::Builder::new()
             .name("pgbastion-audit".into())
@@ -202,6 +203,8 @@ struct Writer {
     redactor: Redactor,
     memo: HashMap<Arc<str>, Arc<str>>,
     counters: Arc<Counters>,
+    /// The batch's lines, kept between batches for its capacity.
+    out: Vec<u8>,
 }
 
 impl Writer {
@@ -225,29 +228,35 @@ impl Writer {
         }
     }
 
-    /// Writes a batch, retrying until the sink takes it.
+    /// Writes a batch, retrying until the sink takes it. Lines are encoded in place in the
+    /// batch's buffer and hashed there.
     fn write(&mut self, batch: &mut Vec<Record>) {
-        let mut out = Vec::with_capacity(batch.len() * 512);
+        let mut out = std::mem::take(&mut self.out);
         let mut head = self.head.clone();
         let mut pending = 0;
         for mut record in batch.drain(..) {
             self.redact(&mut record);
-            let line = record.line(head.seq, &head.prev);
-            let len = line.len() as u64 + 1;
-            if !self.sink.fits(out.len() as u64, len) {
+            let start = out.len();
+            record.encode(head.seq, &head.prev, &mut out);
+            let len = (out.len() - start) as u64 + 1;
+            if !self.sink.fits(start as u64, len) {
+                // The line starts the next file: what comes before it goes to this one.
+                let line = out.split_off(start);
                 self.commit(&mut out, &head, pending);
                 pending = 0;
                 self.retry(|sink| sink.rotate());
+                out = line;
             }
+            let start = out.len() - (len as usize - 1);
             head = ChainHead {
-                prev: line_hash(&line),
+                prev: line_hash(&out[start..]),
                 seq: head.seq + 1,
             };
-            out.extend_from_slice(line.as_bytes());
             out.push(b'\n');
             pending += 1;
         }
         self.commit(&mut out, &head, pending);
+        self.out = out;
     }
 
     fn commit(&mut self, out: &mut Vec<u8>, head: &ChainHead, records: u64) {

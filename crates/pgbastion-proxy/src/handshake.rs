@@ -387,17 +387,16 @@ async fn handshake(
     // Who the session is, for its audit records (nothing to build with the audit log off).
     let session_json: Arc<str> = match shared.auditor.enabled() {
         false => Arc::from(""),
-        true => serde_json::json!({
-        "user": identity.user,
-        "subject": identity.subject,
-        "issuer": identity.issuer,
-        "groups": identity.groups,
-        "role": grant.role,
-        "database": database,
-        "application_name": application_name,
-        })
-        .to_string()
-        .into(),
+        true => pgbastion_audit::Session {
+            user: &identity.user,
+            subject: &identity.subject,
+            issuer: &identity.issuer,
+            groups: &identity.groups,
+            role: &grant.role,
+            database: &database,
+            application_name: application_name.as_deref(),
+        }
+        .json(),
     };
     let login_role = login_role.to_string();
     let cancel = shared.cancels.register(upstream.key());
