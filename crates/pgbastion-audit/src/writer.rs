@@ -91,11 +91,13 @@ impl Auditor {
         };
         let (tx, rx) = mpsc::channel(config.queue);
         let counters = Arc::new(Counters::default());
+        let redact = config.statement_text == StatementText::Redacted;
         let writer = Writer {
             sink,
             head,
             rx,
             redactor,
+            redact,
             memo: HashMap::new(),
             counters: counters.clone(),
             out: Vec::with_capacity(BATCH * 640),
@@ -108,7 +110,7 @@ impl Auditor {
                 queue: Some(tx),
                 capacity: config.queue,
                 on_full: config.on_full,
-                redact: config.statement_text == StatementText::Redacted,
+                redact,
                 counters,
             },
             WriterHandle(Some(thread)),
@@ -201,6 +203,8 @@ struct Writer {
     head: ChainHead,
     rx: mpsc::Receiver<Record>,
     redactor: Redactor,
+    /// `statement_text = "redacted"`; with "full" texts are written as sent.
+    redact: bool,
     memo: HashMap<Arc<str>, Arc<str>>,
     counters: Arc<Counters>,
     /// The batch's lines, kept between batches for its capacity.
@@ -286,7 +290,7 @@ impl Writer {
         let Event::Statement(statement) = &mut record.event else {
             return;
         };
-        if !statement.redact {
+        if !(self.redact && statement.redact) {
             return;
         }
         statement.redact = false;

@@ -106,3 +106,74 @@ async fn verification_names_the_first_changed_removed_or_missing_file() {
         10
     );
 }
+
+fn statement(text: &str, redact: bool) -> Record {
+    Record {
+        time: SystemTime::now(),
+        conn: 1,
+        session: None,
+        event: Event::Statement(pgbastion_audit::StatementRecord {
+            kind: "query",
+            text: text.into(),
+            redact,
+            statement: None,
+            classes: Arc::from(["read"]),
+            relations: Arc::from([]),
+            decision: "allow",
+            policy: "p".into(),
+            policy_version: "v".into(),
+            rule: None,
+            message: None,
+            status: pgbastion_audit::StatementStatus::Ok,
+            duration_us: 1,
+            rows: Some(1),
+            sqlstate: None,
+        }),
+    }
+}
+
+/// The texts of the statement records in `path`.
+async fn texts_written(config: &Audit, records: Vec<Record>) -> Vec<String> {
+    let (auditor, writer) = Auditor::start(config, redactor()).unwrap();
+    for record in records {
+        auditor.record(record).await;
+    }
+    drop(auditor);
+    tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .unwrap();
+    std::fs::read_to_string(config.path.as_ref().unwrap())
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            value["text"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_text_is_redacted_unless_configured_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let redacted = config(&dir.path().join("redacted.log"), 1 << 20);
+    assert_eq!(
+        texts_written(
+            &redacted,
+            vec![
+                statement("SELECT 42", true),
+                // Redacted by the session already (with its decision key): kept as handed in.
+                statement("SELECT $0 /* pre */", false),
+            ]
+        )
+        .await,
+        ["SELECT ##", "SELECT $0 /* pre */"]
+    );
+    let full = Audit {
+        statement_text: pgbastion_config::StatementText::Full,
+        ..config(&dir.path().join("full.log"), 1 << 20)
+    };
+    assert_eq!(
+        texts_written(&full, vec![statement("SELECT 42", true)]).await,
+        ["SELECT 42"]
+    );
+}

@@ -4,16 +4,45 @@
 //! `SELECT ... WHERE aid = 1` and `... WHERE aid = 2` share one decision. A rule that ever
 //! looks at a number's value (a LIMIT cap, say) must change this key.
 
+use crate::plain_text::plain_key;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::tokenizer::{Token, Tokenizer};
 use std::fmt::Write;
 
 /// None when the text does not tokenize (it will not parse either, and is decided uncached).
+/// A plain statement's key comes from a scan of its text (`plain_text`), others' from the
+/// tokenizer.
 pub fn decision_key(sql: &str) -> Option<String> {
+    if let Some((key, _)) = plain_key(sql, false) {
+        return Some(key);
+    }
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    Some(key_of(sql, &tokens))
+}
+
+/// The decision key and the redacted text (`crate::redact`) from one pass, which is most of
+/// the cost of either: for a session that audits redacted statements.
+pub fn decision_key_and_redacted(sql: &str) -> Option<(String, String)> {
+    if let Some((key, Some(redacted))) = plain_key(sql, true) {
+        return Some((key, redacted));
+    }
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    Some((
+        key_of(sql, &tokens),
+        crate::redact::redact_tokens(sql, &tokens),
+    ))
+}
+
+/// The key from the tokenizer (what `decision_key` falls back to).
+pub fn tokenizer_key(sql: &str) -> Option<String> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    Some(key_of(sql, &tokens))
+}
+
+fn key_of(sql: &str, tokens: &[Token]) -> String {
     let mut key = String::with_capacity(sql.len() + 16);
     let mut after_space = false;
-    for token in &tokens {
+    for token in tokens {
         match token {
             // Whitespace and comments: how much does not matter, whether there is any does
             // (`U&"x"` is one identifier, `U &"x"` an expression).
@@ -49,7 +78,7 @@ pub fn decision_key(sql: &str) -> Option<String> {
     if key.ends_with(" \0") {
         key.truncate(key.len() - 2);
     }
-    Some(key)
+    key
 }
 
 #[cfg(test)]
@@ -57,8 +86,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn one_pass_gives_the_key_and_the_redaction() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+            "UPDATE t SET note = 'x' WHERE id = 7 -- why",
+            "SELECT $$a$$, E'b', 1.5e3",
+        ] {
+            let (key, redacted) = decision_key_and_redacted(sql).unwrap();
+            assert_eq!(key, decision_key(sql).unwrap());
+            assert_eq!(redacted, crate::redact(sql));
+        }
+        assert_eq!(decision_key_and_redacted("SELECT 'open"), None);
+    }
+
+    #[test]
     fn numbers_share_a_key_and_everything_else_does_not() {
-        let key = |sql| decision_key(sql).unwrap();
+        // The tokenizer's key; plain statements' keys are in plain_text.rs.
+        let key = |sql| tokenizer_key(sql).unwrap();
         assert_eq!(
             key("SELECT * FROM t WHERE id = 1"),
             key("SELECT  *  FROM t WHERE id = 42 -- x")

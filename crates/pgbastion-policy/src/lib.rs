@@ -12,10 +12,11 @@ mod decide;
 mod fallback;
 mod functions;
 mod names;
+mod plain_text;
 mod redact;
 
 pub use analyze::{analyze, Call, StatementInfo};
-pub use cache_key::decision_key;
+pub use cache_key::{decision_key, decision_key_and_redacted, tokenizer_key};
 pub use catalog::{Catalog, Fact, Reached};
 pub use decide::{
     decide, decide_with_effects, CompiledPolicy, Decision, Denial, Effects, PreparedOp, Principal,

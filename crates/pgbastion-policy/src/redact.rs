@@ -13,8 +13,13 @@ pub fn redact(sql: &str) -> String {
     let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
         return UNREADABLE.to_string();
     };
+    redact_tokens(sql, &tokens)
+}
+
+/// `redact` of `sql` tokenized.
+pub(crate) fn redact_tokens(sql: &str, tokens: &[Token]) -> String {
     let mut out = String::with_capacity(sql.len());
-    for token in &tokens {
+    for token in tokens {
         match token {
             Token::Number(..)
             | Token::SingleQuotedString(_)

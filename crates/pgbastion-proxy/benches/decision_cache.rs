@@ -1,8 +1,9 @@
 //! What a repeated statement costs the relay: a decision-cache hit on its exact text (target
-//! <= 2 us), against a hit on its decision key (a statement repeated with other numbers).
+//! <= 2 us), against a hit on its decision key (a statement repeated with other numbers), and
+//! the key through the tokenizer.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pgbastion_policy::{decision_key, Decision, Effects};
+use pgbastion_policy::{decision_key, tokenizer_key, Decision, Effects};
 use pgbastion_proxy::decision_cache::{DecisionCache, KeyKind, Scope};
 use std::hint::black_box;
 
@@ -46,6 +47,10 @@ fn bench(c: &mut Criterion) {
             let key = decision_key(black_box(SELECT_200)).unwrap();
             cache.get(&scope, KeyKind::Tokens, &key).unwrap()
         })
+    });
+    // What the key costs through the tokenizer, which statements that are not plain take.
+    c.bench_function("select_200_chars/tokenizer_key", |b| {
+        b.iter(|| tokenizer_key(black_box(SELECT_200)).unwrap())
     });
 }
 

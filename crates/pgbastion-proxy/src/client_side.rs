@@ -15,8 +15,8 @@ use crate::reply::Refusal;
 use bytes::{Buf, BytesMut};
 use pgbastion_audit::{Event, StatementRecord, StatementStatus};
 use pgbastion_policy::{
-    decide_with_effects, decision_key, Catalog, CompiledPolicy, Decision, PreparedOp, Principal,
-    Request,
+    decide_with_effects, decision_key, decision_key_and_redacted, Catalog, CompiledPolicy,
+    Decision, PreparedOp, Principal, Request,
 };
 use pgbastion_wire::codes;
 use pgbastion_wire::frame::{header, Fields, HEADER_LEN};
@@ -79,6 +79,8 @@ pub(crate) struct ClientToUpstream<'a> {
     audit: Option<Arc<str>>,
     /// The last decision's verdict, for the audit of a denial.
     last_verdict: Option<Verdict>,
+    /// The last decided statement redacted for the audit log, when the decision tokenized it.
+    last_redacted: Option<Arc<str>>,
     /// What the unnamed and named portals run, for executions' audit records and metrics.
     unnamed_portal: Option<Arc<About>>,
     portals: HashMap<String, Arc<About>>,
@@ -139,6 +141,7 @@ impl<'a> ClientToUpstream<'a> {
             conn,
             audit,
             last_verdict: None,
+            last_redacted: None,
             unnamed_portal: None,
             portals: HashMap::new(),
             passthrough: 0,
@@ -592,6 +595,7 @@ impl<'a> ClientToUpstream<'a> {
     /// The policy's verdict on a Query, Parse or FunctionCall; Err holds the client's error.
     async fn decide(&mut self, tag: u8, body: &[u8]) -> Result<(), Report> {
         self.last_verdict = None;
+        self.last_redacted = None;
         let started = std::time::Instant::now();
         let result = self.decide_inner(tag, body).await;
         self.shared.metrics.overhead.observe(started.elapsed());
@@ -629,18 +633,19 @@ impl<'a> ClientToUpstream<'a> {
             .hint("statements must be valid UTF-8; set client_encoding to UTF8")
         })?;
         let mut catalog = self.current_catalog(None).await?;
-        let mut verdict = self.decide_cached(&request, catalog.as_deref());
+        let (mut verdict, mut redacted) = self.decide_cached(&request, catalog.as_deref());
         if let (true, Some(current)) = (verdict.1.unknown_relations, &catalog) {
             // A relation created since the snapshot: decide again with a newer one.
             if let Ok(Some(newer)) = self.current_catalog(Some(UNKNOWN_RELATION_REFRESH)).await {
                 if newer.version != current.version {
-                    verdict = self.decide_cached(&request, Some(&newer));
+                    (verdict, redacted) = self.decide_cached(&request, Some(&newer));
                     catalog = Some(newer);
                 }
             }
         }
         self.decided_with = catalog.as_ref().map_or(0, |c| c.version);
         self.last_verdict = Some(verdict.clone());
+        self.last_redacted = redacted;
         let (decision, effects) = &*verdict;
         if let Decision::Deny(denial) = decision {
             return Err(denial_report(denial.clone()));
@@ -692,9 +697,16 @@ impl<'a> ClientToUpstream<'a> {
         }
     }
 
-    fn about(&self, text: &str, statement: Option<&str>, verdict: &Verdict) -> Arc<About> {
+    fn about(
+        &self,
+        text: &str,
+        redacted: Option<Arc<str>>,
+        statement: Option<&str>,
+        verdict: &Verdict,
+    ) -> Arc<About> {
         Arc::new(About {
             text: text.into(),
+            redacted,
             statement: statement.map(str::to_string),
             classes: verdict.1.classes.clone(),
             relations: verdict.1.relations.clone(),
@@ -707,6 +719,7 @@ impl<'a> ClientToUpstream<'a> {
     fn unknown_portal(&self, portal: &str) -> Arc<About> {
         Arc::new(About {
             text: "/* a portal pgbastion does not know */".into(),
+            redacted: None,
             statement: Some(format!("portal {portal}")),
             classes: Arc::new([]),
             relations: Arc::new([]),
@@ -720,7 +733,7 @@ impl<'a> ClientToUpstream<'a> {
         self.audit.as_ref()?;
         let text = messages::query_text(body).ok()?;
         let verdict = self.last_verdict.as_ref()?;
-        Some(self.about(text, None, verdict))
+        Some(self.about(text, self.last_redacted.clone(), None, verdict))
     }
 
     /// Enters an allowed request's prepared statements into the book as it is forwarded.
@@ -733,7 +746,11 @@ impl<'a> ClientToUpstream<'a> {
             }
             Request::Parse { statement, query } => {
                 let name = statement_name(statement);
-                let approved = Approved::new(b'P', version, self.about(query, Some(name), verdict));
+                let approved = Approved::new(
+                    b'P',
+                    version,
+                    self.about(query, self.last_redacted.clone(), Some(name), verdict),
+                );
                 let mut ledger = self.ledger.lock().expect("ledger lock");
                 let group = ledger.sent;
                 let book = &mut ledger.book;
@@ -756,7 +773,8 @@ impl<'a> ClientToUpstream<'a> {
                 ops.iter().try_for_each(|op| match op {
                     PreparedOp::Prepare(name) if !name_is_acceptable(name) => Err(name.clone()),
                     PreparedOp::Prepare(name) => {
-                        let about = self.about(sql, Some(name), verdict);
+                        let about =
+                            self.about(sql, self.last_redacted.clone(), Some(name), verdict);
                         book.prepare_sent(group, name, Approved::new(b'Q', version, about))
                             .map_err(|()| name.clone())
                     }
@@ -859,7 +877,7 @@ impl<'a> ClientToUpstream<'a> {
                     query: &text,
                 },
             };
-            let verdict = self.decide_cached(&request, catalog);
+            let (verdict, redacted) = self.decide_cached(&request, catalog);
             if let Decision::Deny(denial) = &verdict.0 {
                 self.last_verdict = Some(verdict.clone());
                 return Err(denial_report(denial.clone()));
@@ -870,7 +888,7 @@ impl<'a> ClientToUpstream<'a> {
                     self.redecide_nested(inner, catalog, outer, !self.transaction_pool)?;
                 }
             }
-            renewed.push(self.about(&text, Some(name), &verdict));
+            renewed.push(self.about(&text, redacted, Some(name), &verdict));
         }
         let mut ledger = self.ledger.lock().expect("ledger lock");
         let candidates = ledger.book.candidates(name);
@@ -933,8 +951,14 @@ impl<'a> ClientToUpstream<'a> {
     }
 
     /// The decision for a request, from the cache when the same statement (up to numeric
-    /// literals, see `decision_key`) was decided before in the same scope.
-    fn decide_cached(&self, request: &Request<'_>, catalog: Option<&Catalog>) -> Verdict {
+    /// literals, see `decision_key`) was decided before in the same scope. When it tokenizes
+    /// the statement and the audit log wants it redacted, the redaction comes from the same
+    /// pass: the audit writer need not tokenize it again.
+    fn decide_cached(
+        &self,
+        request: &Request<'_>,
+        catalog: Option<&Catalog>,
+    ) -> (Verdict, Option<Arc<str>>) {
         let principal = Principal {
             user: self.user,
             role: self.role,
@@ -946,7 +970,7 @@ impl<'a> ClientToUpstream<'a> {
             Request::Query(sql) => (b'Q', *sql),
             Request::Parse { query, .. } => (b'P', *query),
             Request::FunctionCall { .. } => {
-                return Arc::new(decide_with_effects(&principal, request))
+                return (Arc::new(decide_with_effects(&principal, request)), None)
             }
         };
         let scope = Scope {
@@ -957,20 +981,27 @@ impl<'a> ClientToUpstream<'a> {
         };
         let decisions = &self.shared.decisions;
         if let Some(verdict) = decisions.get(&scope, KeyKind::Text, sql) {
-            return verdict;
+            return (verdict, None);
         }
-        let Some(key) = decision_key(sql) else {
-            return Arc::new(decide_with_effects(&principal, request));
+        let (key, redacted) = match self.audit.is_some() && self.shared.auditor.redacts() {
+            true => match decision_key_and_redacted(sql) {
+                Some((key, redacted)) => (Some(key), Some(Arc::from(redacted))),
+                None => (None, None),
+            },
+            false => (decision_key(sql), None),
+        };
+        let Some(key) = key else {
+            return (Arc::new(decide_with_effects(&principal, request)), None);
         };
         if let Some(verdict) = decisions.get(&scope, KeyKind::Tokens, &key) {
             // Seen before with other numbers: its numbers vary, and filing each text would
             // only churn the exact-text map.
-            return verdict;
+            return (verdict, redacted);
         }
         let verdict = Arc::new(decide_with_effects(&principal, request));
         decisions.insert(&scope, KeyKind::Tokens, &key, verdict.clone());
         decisions.insert(&scope, KeyKind::Text, sql, verdict.clone());
-        verdict
+        (verdict, redacted)
     }
 
     /// The audit record of a statement that was not run.

@@ -51,8 +51,8 @@ impl Execution {
         let about = self.about.as_ref()?;
         Some(Event::Statement(StatementRecord {
             kind: self.kind,
-            text: about.text.clone(),
-            redact: true,
+            text: about.redacted.as_ref().unwrap_or(&about.text).clone(),
+            redact: about.redacted.is_none(),
             statement: about.statement.clone(),
             classes: about.classes.clone(),
             relations: about.relations.clone(),

@@ -404,7 +404,7 @@ async fn handshake(
     messages::auth_ok(&mut out);
     // The upstream's real ParameterStatus values (server_version, session_authorization, ...)
     // and any startup notices, exactly as sent.
-    out.extend_from_slice(upstream.startup());
+    out.extend_from_slice(&upstream.startup());
     messages::backend_key_data(cancel.pid, cancel.secret, &mut out);
     messages::ready_for_query(b'I', &mut out);
     if let Err(err) = stream.write_all(&out).await {
@@ -465,10 +465,10 @@ impl Startup {
         }
     }
 
-    fn startup(&self) -> &[u8] {
+    fn startup(&self) -> BytesMut {
         match self {
-            Startup::Connected(checkout) => &checkout.startup,
-            Startup::Known(startup) => startup,
+            Startup::Connected(checkout) => checkout.startup_messages(),
+            Startup::Known(startup) => startup.clone(),
         }
     }
 }

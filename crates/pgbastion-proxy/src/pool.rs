@@ -114,10 +114,27 @@ impl Drop for Slot {
 pub(crate) struct Checkout {
     pub stream: UpstreamStream,
     pub lease: Lease,
-    /// What the client receives after AuthenticationOk: the server's ParameterStatus
-    /// messages (and, from a fresh login, its notices), as sent.
+    /// From a fresh login, what the client receives after AuthenticationOk: the server's
+    /// ParameterStatus messages and notices, as sent. Empty for a reused connection: see
+    /// `startup_messages`.
     pub startup: BytesMut,
     pub reused: bool,
+}
+
+impl Checkout {
+    /// What a new client session receives after AuthenticationOk.
+    pub fn startup_messages(&self) -> BytesMut {
+        match self.reused {
+            false => self.startup.clone(),
+            true => {
+                let mut startup = BytesMut::new();
+                for (name, value) in &self.lease.status {
+                    messages::parameter_status(name, value, &mut startup);
+                }
+                startup
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,14 +230,12 @@ impl Pools {
                     match usable(&mut idle, transaction, config, generation, settings).await {
                         Ok(()) => {
                             metrics.pool_event("reused");
-                            let mut startup = BytesMut::new();
-                            for (name, value) in &idle.lease.status {
-                                messages::parameter_status(name, value, &mut startup);
-                            }
+                            // A new session's startup messages, built only for one: under
+                            // transaction pooling most checkouts serve a transaction.
                             return Ok(Checkout {
                                 stream: idle.stream,
                                 lease: idle.lease,
-                                startup,
+                                startup: BytesMut::new(),
                                 reused: true,
                             });
                         }

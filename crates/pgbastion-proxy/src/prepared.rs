@@ -36,6 +36,9 @@ pub struct Approved {
 #[derive(Debug)]
 pub struct About {
     pub text: Arc<str>,
+    /// `text` redacted for the audit log, when the session redacted it already (in the same
+    /// tokenizer pass as its decision key); else the audit writer redacts `text` if configured.
+    pub redacted: Option<Arc<str>>,
     /// The prepared statement's name, for executions of one.
     pub statement: Option<String>,
     pub classes: Arc<[&'static str]>,
@@ -295,6 +298,7 @@ mod tests {
     fn approved(kind: u8, text: &str) -> Approved {
         let about = About {
             text: text.into(),
+            redacted: None,
             statement: None,
             classes: Arc::new([]),
             relations: Arc::new([]),
