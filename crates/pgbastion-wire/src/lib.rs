@@ -17,5 +17,6 @@ pub mod tls;
 pub mod upstream;
 
 mod error;
+pub mod scram;
 
 pub use error::{Result, WireError};

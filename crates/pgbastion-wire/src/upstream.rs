@@ -5,12 +5,13 @@
 use crate::accept::has_pending_bytes;
 use crate::frame::{read_exact_or_closed, read_message, Fields};
 use crate::messages::{error_field, error_fields, raw};
+use crate::scram;
 use crate::stream::{MaybeTls, UpstreamStream};
 use crate::tls::UpstreamTlsMode;
 use crate::WireError;
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use std::io;
@@ -158,7 +159,7 @@ async fn open(target: &UpstreamTarget) -> Result<UpstreamStream, UpstreamError> 
 
 /// Runs the authentication exchange the upstream asks for, up to AuthenticationOk.
 async fn authenticate(stream: &mut UpstreamStream, login: Login<'_>) -> Result<(), UpstreamError> {
-    let mut scram: Option<ScramSha256> = None;
+    let mut exchange: Option<scram::Exchange> = None;
     loop {
         let (tag, body) = read_message(stream, "upstream message", MAX_LOGIN_MESSAGE).await?;
         match tag {
@@ -195,27 +196,32 @@ async fn authenticate(stream: &mut UpstreamStream, login: Login<'_>) -> Result<(
                         "upstream offers SASL mechanisms {offered:?}, pgbastion needs SCRAM-SHA-256"
                     )));
                 }
-                let exchange = ScramSha256::new(login.password.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, exchange.message(), &mut out)
-                    .map_err(WireError::from)?;
-                scram = Some(exchange);
+                let started = scram::Exchange::new(login.password);
+                frontend::sasl_initial_response(
+                    SCRAM_SHA_256,
+                    started.client_first().as_bytes(),
+                    &mut out,
+                )
+                .map_err(WireError::from)?;
+                exchange = Some(started);
             }
             11 => {
-                let exchange = scram
+                let started = exchange
                     .as_mut()
                     .ok_or_else(|| UpstreamError::Auth("SASL continue without SASL start".into()))?;
-                exchange
-                    .update(fields.remaining())
+                let client_final = started
+                    .client_final(fields.remaining())
                     .map_err(|err| UpstreamError::Auth(format!("SCRAM: {err}")))?;
-                frontend::sasl_response(exchange.message(), &mut out).map_err(WireError::from)?;
+                frontend::sasl_response(client_final.as_bytes(), &mut out)
+                    .map_err(WireError::from)?;
             }
             12 => {
                 // Verifies the server's signature: the upstream proves it knows the password too.
-                let exchange = scram
-                    .as_mut()
+                let started = exchange
+                    .as_ref()
                     .ok_or_else(|| UpstreamError::Auth("SASL final without SASL start".into()))?;
-                exchange
-                    .finish(fields.remaining())
+                started
+                    .verify(fields.remaining())
                     .map_err(|err| UpstreamError::Auth(format!("SCRAM server signature: {err}")))?;
                 continue;
             }
