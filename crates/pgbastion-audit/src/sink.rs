@@ -21,15 +21,17 @@ pub struct FileSink {
 }
 
 impl Sink {
-    /// Writes whole lines (each ends with a newline) in one go.
-    pub fn write(&mut self, lines: &[u8]) -> std::io::Result<()> {
+    /// Writes `lines[*done..]`, moving `done` past every byte the sink accepts: after a
+    /// failure, the retry continues where this write stopped, so no line is written twice
+    /// (which would break the chain) and none is lost.
+    pub fn write(&mut self, lines: &[u8], done: &mut usize) -> std::io::Result<()> {
         match self {
             Sink::Stdout => {
                 let mut out = std::io::stdout().lock();
-                out.write_all(lines)?;
+                write_counted(&mut out, lines, done)?;
                 out.flush()
             }
-            Sink::File(file) => file.write(lines),
+            Sink::File(file) => file.write(lines, done),
         }
     }
 
@@ -94,7 +96,7 @@ impl FileSink {
         ))
     }
 
-    fn write(&mut self, lines: &[u8]) -> std::io::Result<()> {
+    fn write(&mut self, lines: &[u8], done: &mut usize) -> std::io::Result<()> {
         if self.file.is_none() {
             self.file = Some(
                 OpenOptions::new()
@@ -104,14 +106,10 @@ impl FileSink {
             );
         }
         let file = self.file.as_mut().expect("opened");
-        if let Err(err) = file.write_all(lines) {
-            // Part of the batch may be on disk: cut it off, so that the retry writes whole
-            // records and the chain stays intact.
-            let _ = file.set_len(self.size);
-            return Err(err);
-        }
-        self.size += lines.len() as u64;
-        Ok(())
+        let before = *done;
+        let written = write_counted(file, lines, done);
+        self.size += (*done - before) as u64;
+        written
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
@@ -132,6 +130,19 @@ impl FileSink {
         self.size = 0;
         Ok(())
     }
+}
+
+/// `write_all` of `lines[*done..]` that counts what was accepted.
+fn write_counted(out: &mut impl Write, lines: &[u8], done: &mut usize) -> std::io::Result<()> {
+    while *done < lines.len() {
+        match out.write(&lines[*done..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => *done += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 /// Rotated files of `path`, oldest first.
@@ -177,4 +188,48 @@ fn last_line(path: &Path) -> std::io::Result<Option<String>> {
         }
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes at most `room` bytes, then fails until given more room (a full disk).
+    struct Full {
+        taken: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf
+                .len()
+                .min(self.room.saturating_sub(self.taken.len()))
+                .min(7);
+            if n == 0 {
+                return Err(std::io::Error::other("no space left"));
+            }
+            self.taken.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_retry_continues_where_the_failed_write_stopped() {
+        let lines = b"{\"seq\":0}\n{\"seq\":1}\n{\"seq\":2}\n";
+        let mut out = Full {
+            taken: Vec::new(),
+            room: 15,
+        };
+        let mut done = 0;
+        assert!(write_counted(&mut out, lines, &mut done).is_err());
+        assert_eq!(done, 15);
+        out.room = 1000;
+        write_counted(&mut out, lines, &mut done).unwrap();
+        assert_eq!(out.taken, lines, "every byte once, in order");
+    }
 }

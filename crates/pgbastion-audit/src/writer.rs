@@ -267,7 +267,8 @@ impl Writer {
         if out.is_empty() {
             return;
         }
-        self.retry(|sink| sink.write(out));
+        let mut done = 0;
+        self.retry(|sink| sink.write(out, &mut done));
         out.clear();
         self.head = head.clone();
         self.counters.written.fetch_add(records, Ordering::Relaxed);

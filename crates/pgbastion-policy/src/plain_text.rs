@@ -4,9 +4,10 @@
 //! tokenizer, 1.6 us for this key and the cache lookup together).
 //!
 //! Plain means made only of: ASCII words, unsigned numbers (`7`, `1.5`), `$n` parameters,
-//! `'...'` strings and `"..."` identifiers without backslashes, operators, punctuation and
-//! whitespace. Anything else — comments, dollar quotes, prefixed strings (`E''`, `B''`,
-//! `U&''`, ...), exponents, non-ASCII text, control characters — gives None, and the caller
+//! `'...'` strings and `"..."` identifiers without backslashes, the punctuation and operators
+//! `( ) , ; . : = < > + - * /`, and whitespace. Anything else — comments, dollar quotes,
+//! prefixed strings (`E''`, `B''`, `U&''`, ...), exponents, other operators, non-ASCII text
+//! outside quotes, control characters — gives None, and the caller
 //! takes the tokenizer's way. Whatever is not certainly a number stays in the key as it is:
 //! the key can only be more particular than the tokenizer's, never merge statements that it
 //! keeps apart (tests/cache_keys.rs checks this on generated statements).
@@ -14,7 +15,11 @@
 /// What starts every plain key: tokenizer keys never start with it, so the two never meet.
 const PLAIN: char = '\u{1}';
 
-/// The key (the text with each number replaced by `#`) and, when `redact`, the text with
+/// What stands for a number in a plain key: a control character, which makes a text not
+/// plain, so it cannot come from the text itself (`#`, a PostgreSQL operator, could).
+const NUMBER: char = '\u{2}';
+
+/// The key (the text with each number replaced by `NUMBER`) and, when `redact`, the text with
 /// each literal replaced by `$0` (as `crate::redact` writes it).
 pub(crate) fn plain_key(sql: &str, redact: bool) -> Option<(String, Option<String>)> {
     let bytes = sql.as_bytes();
@@ -59,7 +64,7 @@ pub(crate) fn plain_key(sql: &str, redact: bool) -> Option<(String, Option<Strin
                     return None;
                 }
                 key.push_str(&sql[in_key..start]);
-                key.push('#');
+                key.push(NUMBER);
                 in_key = i;
                 if let Some(redacted) = &mut redacted {
                     redacted.push_str(&sql[in_redacted..start]);
@@ -112,8 +117,11 @@ pub(crate) fn plain_key(sql: &str, redact: bool) -> Option<(String, Option<Strin
             b'-' if bytes.get(i + 1) == Some(&b'-') => return None,
             b'/' if bytes.get(i + 1) == Some(&b'*') => return None,
             b' ' | b'\t' | b'\n' | b'\r' => i += 1,
-            b'\\' | 0..=0x1f | 0x7f.. => return None,
-            _ => i += 1,
+            // Punctuation and the common operators. Others (`@`, `?`, `#`, `!`, `|`, `~`,
+            // ...) the tokenizer reads in ways of its own: not plain.
+            b'(' | b')' | b',' | b';' | b'.' | b':' | b'=' | b'<' | b'>' | b'+' | b'-' | b'*'
+            | b'/' => i += 1,
+            _ => return None,
         }
     }
     key.push_str(&sql[in_key..]);
@@ -154,7 +162,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             whole,
-            "\u{1}SELECT abalance FROM pgbench_accounts WHERE aid = # AND x <> 'a''7' AND \"t1\".c = #;"
+            "\u{1}SELECT abalance FROM pgbench_accounts WHERE aid = \u{2} AND x <> 'a''7' AND \"t1\".c = \u{2};"
         );
         assert_eq!(
             redacted.unwrap(),
@@ -165,6 +173,11 @@ mod tests {
             Some("\u{1}SELECT t1, $1, x::int4 FROM t2".into())
         );
         assert_eq!(key("SELECT 1"), key("SELECT 99"));
+        // `#` is an operator: never the same statement as a number.
+        assert_ne!(
+            key("SELECT 1 ssn FROM people"),
+            key("SELECT # ssn FROM people")
+        );
         assert_ne!(key("SELECT 1"), key("SELECT  1"));
         assert_ne!(key("SELECT $1"), key("SELECT $2"));
         assert_ne!(key("SELECT 'a'"), key("SELECT 'b'"));
@@ -196,6 +209,9 @@ mod tests {
             "SELECT 1\u{0}",
             "SELECT $1a",
             "SELECT \\",
+            "SELECT # ssn",
+            "SELECT data ? 'k'",
+            "SELECT @ x",
         ] {
             assert_eq!(plain_key(sql, true), None, "{sql}");
         }

@@ -18,8 +18,9 @@ use subtle::ConstantTimeEq;
 /// Salted passwords remembered; beyond this many the memory starts again.
 const REMEMBERED: usize = 256;
 
-/// Round counts refused above this: a server asking for more would hold the proxy's thread.
-const MAX_ITERATIONS: u32 = 1 << 20;
+/// Round counts refused above this (PostgreSQL's default is 4,096): a server asking for more
+/// would hold the proxy's thread for a first login.
+const MAX_ITERATIONS: u32 = 100_000;
 
 /// One exchange: `client_first`, then `client_final` with the server's first message, then
 /// `verify` of the server's final message.
@@ -30,6 +31,8 @@ pub struct Exchange {
     nonce: String,
     /// Set by `client_final`: the server key and the AuthMessage it signs.
     pending: Option<(hmac::Key, String)>,
+    /// Set by `verify`: the server proved it knows the password.
+    verified: bool,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -60,6 +63,7 @@ impl Exchange {
             password,
             nonce,
             pending: None,
+            verified: false,
         }
     }
 
@@ -74,11 +78,16 @@ impl Exchange {
 
     /// The client-final-message answering the server-first-message.
     pub fn client_final(&mut self, server_first: &[u8]) -> Result<String, String> {
+        if self.pending.is_some() {
+            return Err("the server sent its first message twice".into());
+        }
         let server_first = std::str::from_utf8(server_first)
             .map_err(|_| "the server's first message is not UTF-8".to_string())?;
         let (mut nonce, mut salt, mut iterations) = (None, None, None);
         for attribute in server_first.split(',') {
             match attribute.split_once('=') {
+                // A mandatory extension this client does not know ends the exchange (RFC 5802).
+                Some(("m", _)) => return Err("the server requires an unknown extension".into()),
                 Some(("r", value)) => nonce = Some(value),
                 Some(("s", value)) => salt = Some(value),
                 Some(("i", value)) => iterations = Some(value),
@@ -127,8 +136,16 @@ impl Exchange {
         Ok(format!("{without_proof},p={}", BASE64.encode(proof)))
     }
 
+    /// Whether the server's final message was checked.
+    pub fn verified(&self) -> bool {
+        self.verified
+    }
+
     /// Checks the server-final-message: the server proves it knows the password too.
-    pub fn verify(&self, server_final: &[u8]) -> Result<(), String> {
+    pub fn verify(&mut self, server_final: &[u8]) -> Result<(), String> {
+        if self.verified {
+            return Err("the server sent its final message twice".into());
+        }
         let (server_key, auth_message) = self
             .pending
             .as_ref()
@@ -145,7 +162,10 @@ impl Exchange {
             .ok_or("the server's final message has no signature")?;
         let expected = hmac::sign(server_key, auth_message.as_bytes());
         match bool::from(expected.as_ref().ct_eq(claimed.as_slice())) {
-            true => Ok(()),
+            true => {
+                self.verified = true;
+                Ok(())
+            }
             false => Err("the server's signature is wrong".into()),
         }
     }
@@ -197,13 +217,20 @@ mod tests {
             "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
              p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
         );
-        exchange
-            .verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
-            .unwrap();
         assert!(exchange
             .verify(b"v=7rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
             .is_err());
         assert!(exchange.verify(b"e=invalid-proof").is_err());
+        assert!(!exchange.verified());
+        exchange
+            .verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+            .unwrap();
+        assert!(exchange.verified());
+        // Each message once, in order.
+        assert!(exchange
+            .verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+            .is_err());
+        assert!(exchange.client_final(server_first.as_bytes()).is_err());
         // PostgreSQL's form: the user is in the startup packet.
         assert_eq!(
             Exchange::new("pencil").client_first().len(),
@@ -220,6 +247,8 @@ mod tests {
             "r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=0",
             "r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=99999999",
             "r=abcX,i=4096",
+            "m=ext,r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+            "r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=100001",
         ] {
             let mut exchange = Exchange::with_nonce("", "pencil", "abc".into());
             assert!(
@@ -227,7 +256,7 @@ mod tests {
                 "{server_first}"
             );
         }
-        let exchange = Exchange::with_nonce("", "pencil", "abc".into());
+        let mut exchange = Exchange::with_nonce("", "pencil", "abc".into());
         assert!(exchange.verify(b"v=AAAA").is_err());
     }
 }

@@ -174,7 +174,23 @@ async fn authenticate(stream: &mut UpstreamStream, login: Login<'_>) -> Result<(
         }
         let mut fields = Fields::new(&body);
         let mut out = BytesMut::new();
-        match fields.i32().map_err(UpstreamError::Wire)? {
+        let code = fields.i32().map_err(UpstreamError::Wire)?;
+        // Once SCRAM has started, the server must finish it: AuthenticationOk before it has
+        // proven it knows the password, or a switch to a method that sends the password
+        // (or its md5), is what an impostor would do.
+        if let Some(started) = &exchange {
+            let expected = match started.verified() {
+                false => matches!(code, 11 | 12),
+                true => code == 0,
+            };
+            if !expected {
+                return Err(UpstreamError::Auth(format!(
+                    "upstream sent authentication message {code} in the middle of SCRAM-SHA-256; \
+                     pgbastion refuses to continue (is this the configured server?)"
+                )));
+            }
+        }
+        match code {
             0 => return Ok(()),
             3 => frontend::password_message(login.password.as_bytes(), &mut out).map_err(WireError::from)?,
             5 => {
@@ -218,7 +234,7 @@ async fn authenticate(stream: &mut UpstreamStream, login: Login<'_>) -> Result<(
             12 => {
                 // Verifies the server's signature: the upstream proves it knows the password too.
                 let started = exchange
-                    .as_ref()
+                    .as_mut()
                     .ok_or_else(|| UpstreamError::Auth("SASL final without SASL start".into()))?;
                 started
                     .verify(fields.remaining())
