@@ -79,7 +79,8 @@ pub(crate) struct ClientToUpstream<'a> {
     audit: Option<Arc<str>>,
     /// The last decision's verdict, for the audit of a denial.
     last_verdict: Option<Verdict>,
-    /// The last decided statement redacted for the audit log, when the decision tokenized it.
+    /// The last decided statement redacted for the audit log, when its decision key was
+    /// computed (the redaction comes from the same pass).
     last_redacted: Option<Arc<str>>,
     /// What the unnamed and named portals run, for executions' audit records and metrics.
     unnamed_portal: Option<Arc<About>>,
