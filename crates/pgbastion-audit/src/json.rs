@@ -163,40 +163,6 @@ pub(crate) fn string(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
 }
 
-/// `time` as RFC 3339 in UTC with microseconds (`2026-11-28T10:00:00.123456Z`), quoted.
-pub(crate) fn timestamp(out: &mut Vec<u8>, time: std::time::SystemTime) {
-    let since = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, of_day) = (secs / 86_400, secs % 86_400);
-    // Days to a civil date (H. Hinnant's algorithm), for the proleptic Gregorian calendar.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    let mut text = *b"\"0000-00-00T00:00:00.000000Z\"";
-    let mut put = |at: usize, width: usize, mut value: u64| {
-        for i in (at..at + width).rev() {
-            text[i] = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
-    };
-    put(1, 4, year);
-    put(6, 2, month);
-    put(9, 2, day);
-    put(12, 2, of_day / 3600);
-    put(15, 2, of_day / 60 % 60);
-    put(18, 2, of_day % 60);
-    put(21, 6, u64::from(since.subsec_micros()));
-    out.extend_from_slice(&text);
-}
-
 /// A decimal number.
 pub(crate) fn number(out: &mut Vec<u8>, mut value: u64) {
     let mut digits = [0u8; 20];
@@ -234,27 +200,6 @@ mod tests {
         assert!(json.contains("\u{a0}é€😀 end"));
         assert_eq!(quoted(""), "\"\"");
         assert_eq!(quoted("plain"), "\"plain\"");
-    }
-
-    #[test]
-    fn timestamps_match_rfc3339() {
-        use std::time::{Duration, UNIX_EPOCH};
-        for secs in [
-            0,
-            951_782_400,
-            1_709_164_800,
-            4_102_444_799,
-            1_795_000_000,
-            253_402_300_799,
-        ] {
-            for micros in [0, 1, 999_999] {
-                let time = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros);
-                let mut out = Vec::new();
-                timestamp(&mut out, time);
-                let expected = format!("\"{}\"", humantime::format_rfc3339_micros(time));
-                assert_eq!(String::from_utf8(out).unwrap(), expected);
-            }
-        }
     }
 
     #[test]

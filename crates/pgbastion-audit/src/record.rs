@@ -110,9 +110,14 @@ impl Record {
     /// Appends the record's line, without its newline, to `out`: fixed fields first, then the
     /// event's.
     pub fn encode(&self, seq: u64, prev: &str, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"time\":");
-        crate::json::timestamp(out, self.time);
-        // The time is formatted in place; the builder takes over after it.
+        use std::io::Write;
+        // Writing to a Vec cannot fail.
+        let _ = write!(
+            out,
+            "{{\"time\":\"{}\"",
+            humantime::format_rfc3339_micros(self.time)
+        );
+        // The builder takes over after the time.
         let mut object = Object::resume(out);
         object.u64("seq", seq).str("prev", prev);
         if self.conn != 0 {

@@ -13,11 +13,10 @@ use std::fmt::Write;
 /// A plain statement's key comes from a scan of its text (`plain_text`), others' from the
 /// tokenizer.
 pub fn decision_key(sql: &str) -> Option<String> {
-    if let Some((key, _)) = plain_key(sql, false) {
-        return Some(key);
+    match plain_key(sql, false) {
+        Some((key, _)) => Some(key),
+        None => tokenizer_key(sql),
     }
-    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
-    Some(key_of(sql, &tokens))
 }
 
 /// The decision key and the redacted text (`crate::redact`) from one pass, which is most of
