@@ -1,4 +1,5 @@
-//! Secrets (passwords, keys) never print: their Debug and Display are redacted.
+//! Secrets (passwords, keys) never print: their Debug and Display are redacted, and their
+//! memory is overwritten when they are dropped (a reload replaces them).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -16,6 +17,12 @@ impl Secret {
     /// The secret itself; call only where it is used, never to log it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 

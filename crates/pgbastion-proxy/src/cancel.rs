@@ -9,14 +9,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
     secret: i32,
+    route: Arc<Route>,
+}
+
+/// Where a session's cancel requests go; shared by the registry and the session's key, so
+/// that a transaction-pooled session moving between connections touches only its own lock.
+#[derive(Debug, Default)]
+struct Route {
     /// The upstream connection the session is using; None between transactions of a
     /// transaction pool (nothing runs, so there is nothing to cancel).
-    upstream: Option<(i32, i32)>,
-    /// Cancel requests being forwarded for this session right now.
-    in_flight: Arc<AtomicUsize>,
+    upstream: Mutex<Option<(i32, i32)>>,
+    /// Cancel requests being forwarded for this session right now; raised under the
+    /// `upstream` lock, so a request seen before `set_upstream` returns is counted here.
+    in_flight: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -30,17 +38,17 @@ pub struct CancelKey {
     registry: Arc<CancelRegistry>,
     pub pid: i32,
     pub secret: i32,
-    in_flight: Arc<AtomicUsize>,
+    route: Arc<Route>,
 }
 
 /// A cancel request on its way upstream; the session's connection is not handed to anyone
 /// else while it exists (see `CancelKey::settle`).
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<Route>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -48,23 +56,20 @@ impl CancelKey {
     /// Waits (up to `max`) for cancel requests being forwarded to this session's connection,
     /// so that none reaches the connection's next user.
     pub async fn settle(&self, max: Duration) {
+        if self.route.in_flight.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + max;
-        while self.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        while self.route.in_flight.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
     /// The session moved to another upstream connection, or to none.
     pub fn set_upstream(&self, upstream: Option<(i32, i32)>) {
-        if let Some(entry) = self
-            .registry
-            .entries
-            .lock()
-            .expect("cancel registry lock")
-            .get_mut(&self.pid)
-        {
-            entry.upstream = upstream;
-        }
+        *self.route.upstream.lock().expect("cancel route lock") = upstream;
     }
 }
 
@@ -90,20 +95,22 @@ impl CancelRegistry {
             }
         };
         let secret = rng.random::<i32>();
-        let in_flight = Arc::new(AtomicUsize::new(0));
+        let route = Arc::new(Route {
+            upstream: Mutex::new(upstream),
+            in_flight: AtomicUsize::new(0),
+        });
         entries.insert(
             pid,
             Entry {
                 secret,
-                upstream,
-                in_flight: in_flight.clone(),
+                route: route.clone(),
             },
         );
         CancelKey {
             registry: self.clone(),
             pid,
             secret,
-            in_flight,
+            route,
         }
     }
 
@@ -120,9 +127,15 @@ impl CancelRegistry {
         if !matches {
             return None;
         }
-        let upstream = entry.upstream?;
-        entry.in_flight.fetch_add(1, Ordering::AcqRel);
-        Some((upstream, InFlight(entry.in_flight.clone())))
+        let route = entry.route.clone();
+        drop(entries);
+        let upstream = {
+            let upstream = route.upstream.lock().expect("cancel route lock");
+            let upstream = (*upstream)?;
+            route.in_flight.fetch_add(1, Ordering::AcqRel);
+            upstream
+        };
+        Some((upstream, InFlight(route)))
     }
 }
 
@@ -136,9 +149,9 @@ mod tests {
         let key = registry.register(Some((4242, 7)));
         let (upstream, in_flight) = registry.lookup(key.pid, key.secret).unwrap();
         assert_eq!(upstream, (4242, 7));
-        assert_eq!(key.in_flight.load(Ordering::Acquire), 1);
+        assert_eq!(key.route.in_flight.load(Ordering::Acquire), 1);
         drop(in_flight);
-        assert_eq!(key.in_flight.load(Ordering::Acquire), 0);
+        assert_eq!(key.route.in_flight.load(Ordering::Acquire), 0);
         assert!(registry
             .lookup(key.pid, key.secret.wrapping_add(1))
             .is_none());

@@ -67,7 +67,7 @@ struct State {
     latest: Option<Arc<Parameters>>,
     /// The ParameterStatus values of the latest connection logged in with `latest`: a
     /// transaction-pooled client gets them at startup without taking a connection.
-    statuses: Option<(Arc<Parameters>, Statuses)>,
+    statuses: Option<(Arc<Parameters>, Arc<Statuses>)>,
 }
 
 #[derive(Debug)]
@@ -89,7 +89,9 @@ pub(crate) struct Lease {
     parameters: Arc<Parameters>,
     /// ParameterStatus values as the server last reported them (before the client's own
     /// changes: a reset returns to them).
-    status: Vec<(String, String)>,
+    /// Shared with the pool's `statuses` while equal to them, so that the comparison after
+    /// each pooled transaction is a pointer comparison.
+    status: Arc<Statuses>,
     created: Instant,
     /// The configuration generation it was opened under: a reload may change the upstream
     /// address or credentials, so older connections are not reused.
@@ -128,7 +130,7 @@ impl Checkout {
             false => self.startup.clone(),
             true => {
                 let mut startup = BytesMut::new();
-                for (name, value) in &self.lease.status {
+                for (name, value) in self.lease.status.iter() {
                     messages::parameter_status(name, value, &mut startup);
                 }
                 startup
@@ -193,10 +195,14 @@ impl Pools {
     pub fn target(&self, login: Login<'_>) -> Target {
         let mut parameters = login.parameters.to_vec();
         parameters.sort();
-        Target {
-            pool: self.pool(login.user, login.database),
-            parameters: Arc::new(parameters),
-        }
+        let pool = self.pool(login.user, login.database);
+        // Most sessions of a pool send the same parameters: sharing the pool's Arc makes
+        // matching an idle connection a pointer comparison.
+        let parameters = match &pool.state.lock().expect("pool lock").latest {
+            Some(latest) if **latest == parameters => latest.clone(),
+            _ => Arc::new(parameters),
+        };
+        Target { pool, parameters }
     }
 
     /// A connection logged in as `login`: an idle one with the same startup parameters, a
@@ -335,7 +341,7 @@ impl Pools {
             return None;
         }
         let mut startup = BytesMut::new();
-        for (name, value) in statuses {
+        for (name, value) in statuses.iter() {
             messages::parameter_status(name, value, &mut startup);
         }
         Some(startup)
@@ -467,15 +473,16 @@ impl Pool {
         (Step::Wait, None)
     }
 
-    fn put_idle(self: Arc<Self>, stream: UpstreamStream, lease: Lease) {
+    fn put_idle(self: Arc<Self>, stream: UpstreamStream, mut lease: Lease) {
         let mut state = self.state.lock().expect("pool lock");
-        // Copied only when they may differ: this runs after every pooled transaction.
-        let known = state
-            .statuses
-            .as_ref()
-            .is_some_and(|(p, s)| *p == lease.parameters && *s == lease.status);
-        if !known {
-            state.statuses = Some((lease.parameters.clone(), lease.status.clone()));
+        // This runs after every pooled transaction: equal values are made the same Arcs, so
+        // that the next comparison (Arc's == looks at the pointers first) is cheap.
+        match &state.statuses {
+            Some((p, s)) if *p == lease.parameters && *s == lease.status => {
+                lease.parameters = p.clone();
+                lease.status = s.clone();
+            }
+            _ => state.statuses = Some((lease.parameters.clone(), lease.status.clone())),
         }
         state.idle.push(Idle {
             stream,
@@ -599,7 +606,7 @@ async fn open(
         pid: connection.pid,
         secret: connection.secret,
         parameters,
-        status: parameter_statuses(&connection.relay),
+        status: Arc::new(parameter_statuses(&connection.relay)),
         created: Instant::now(),
         generation,
         statements: ConnectionStatements::default(),
@@ -654,7 +661,11 @@ async fn exchange(
         match tag {
             b'S' => {
                 let mut fields = Fields::new(&body);
-                set_status(&mut lease.status, fields.cstr()?, fields.cstr()?);
+                set_status(
+                    Arc::make_mut(&mut lease.status),
+                    fields.cstr()?,
+                    fields.cstr()?,
+                );
             }
             b'E' => {
                 let fields = messages::error_fields(&body).unwrap_or_default();

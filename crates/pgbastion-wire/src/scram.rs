@@ -5,7 +5,8 @@
 //! per password, salt and round count: a role's stored verifier keeps its salt until its
 //! password changes, so after the first login each new upstream connection costs a few
 //! HMACs instead of thousands, and the thread running the login is not held for
-//! milliseconds while every session on it waits.
+//! milliseconds while every session on it waits. The first derivation runs on a blocking
+//! thread (see `upstream::authenticate`).
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -14,6 +15,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Mutex, OnceLock};
 use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Salted passwords remembered; beyond this many the memory starts again.
 const REMEMBERED: usize = 256;
@@ -76,15 +78,24 @@ impl Exchange {
         format!("n={},r={}", self.user, self.nonce)
     }
 
-    /// The client-final-message answering the server-first-message.
+    /// The client-final-message answering the server-first-message. Derives the salted
+    /// password in place when it is not remembered; `authenticate` does that on a blocking
+    /// thread instead (`read_server_first`, `remembered`, `salting`, `answer`).
     pub fn client_final(&mut self, server_first: &[u8]) -> Result<String, String> {
+        let first = self.read_server_first(server_first)?;
+        let salted = self.salting(&first)();
+        Ok(self.answer(&first, &salted))
+    }
+
+    /// Reads and checks the server-first-message.
+    pub fn read_server_first(&self, server_first: &[u8]) -> Result<ServerFirst, String> {
         if self.pending.is_some() {
             return Err("the server sent its first message twice".into());
         }
-        let server_first = std::str::from_utf8(server_first)
+        let text = std::str::from_utf8(server_first)
             .map_err(|_| "the server's first message is not UTF-8".to_string())?;
         let (mut nonce, mut salt, mut iterations) = (None, None, None);
-        for attribute in server_first.split(',') {
+        for attribute in text.split(',') {
             match attribute.split_once('=') {
                 // A mandatory extension this client does not know ends the exchange (RFC 5802).
                 Some(("m", _)) => return Err("the server requires an unknown extension".into()),
@@ -108,15 +119,64 @@ impl Exchange {
         let iterations = NonZeroU32::new(iterations)
             .filter(|n| n.get() <= MAX_ITERATIONS)
             .ok_or_else(|| format!("the server asks for {iterations} iterations"))?;
+        Ok(ServerFirst {
+            text: text.to_string(),
+            nonce: nonce.to_string(),
+            salt,
+            iterations,
+        })
+    }
 
-        let salted = salted_password(&self.password, &salt, iterations);
-        let salted = hmac::Key::new(hmac::HMAC_SHA256, &salted);
+    /// The salted password, when an earlier login derived it.
+    pub fn remembered(&self, first: &ServerFirst) -> Option<Zeroizing<[u8; 32]>> {
+        let key = remember_key(&self.password, first);
+        remembered()
+            .lock()
+            .expect("scram memory lock")
+            .get(&key)
+            .cloned()
+    }
+
+    /// Derives (thousands of HMACs: milliseconds) and remembers the salted password; for a
+    /// blocking thread.
+    pub fn salting(
+        &self,
+        first: &ServerFirst,
+    ) -> impl FnOnce() -> Zeroizing<[u8; 32]> + Send + 'static {
+        let password = self.password.clone();
+        let (salt, iterations) = (first.salt.clone(), first.iterations);
+        let key = remember_key(&self.password, first);
+        move || {
+            if let Some(salted) = remembered().lock().expect("scram memory lock").get(&key) {
+                return salted.clone();
+            }
+            let mut salted = Zeroizing::new([0u8; 32]);
+            pbkdf2::derive(
+                pbkdf2::PBKDF2_HMAC_SHA256,
+                iterations,
+                &salt,
+                &password,
+                salted.as_mut(),
+            );
+            let mut remembered = remembered().lock().expect("scram memory lock");
+            if remembered.len() >= REMEMBERED {
+                remembered.clear();
+            }
+            remembered.insert(key, salted.clone());
+            salted
+        }
+    }
+
+    /// The client-final-message, with the proof made from the salted password.
+    pub fn answer(&mut self, first: &ServerFirst, salted: &[u8; 32]) -> String {
+        let salted = hmac::Key::new(hmac::HMAC_SHA256, salted);
         let client_key = hmac::sign(&salted, b"Client Key");
         let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
-        let without_proof = format!("c=biws,r={nonce}");
+        let without_proof = format!("c=biws,r={}", first.nonce);
         let auth_message = format!(
-            "{},{server_first},{without_proof}",
-            self.client_first_bare()
+            "{},{},{without_proof}",
+            self.client_first_bare(),
+            first.text
         );
         let signature = hmac::sign(
             &hmac::Key::new(hmac::HMAC_SHA256, stored_key.as_ref()),
@@ -133,7 +193,7 @@ impl Exchange {
             hmac::Key::new(hmac::HMAC_SHA256, server_key.as_ref()),
             auth_message,
         ));
-        Ok(format!("{without_proof},p={}", BASE64.encode(proof)))
+        format!("{without_proof},p={}", BASE64.encode(proof))
     }
 
     /// Whether the server's final message was checked.
@@ -171,34 +231,36 @@ impl Exchange {
     }
 }
 
-/// Hi(password, salt, i) of RFC 5802 (PBKDF2 with HMAC-SHA-256, one block), remembered.
-fn salted_password(password: &[u8], salt: &[u8], iterations: NonZeroU32) -> [u8; 32] {
-    type Remembered = HashMap<(Vec<u8>, Vec<u8>, u32), [u8; 32]>;
-    static REMEMBER: OnceLock<Mutex<Remembered>> = OnceLock::new();
-    let remember = REMEMBER.get_or_init(Mutex::default);
-    // Keyed by a digest of the password rather than the password itself.
-    let key = (
+/// The server-first-message, read.
+#[derive(Debug)]
+pub struct ServerFirst {
+    text: String,
+    nonce: String,
+    salt: Vec<u8>,
+    iterations: NonZeroU32,
+}
+
+/// Salted passwords (Hi(password, salt, i) of RFC 5802) by a digest of the password (never the
+/// password itself), the salt and the round count.
+type Remembered = HashMap<(Vec<u8>, Vec<u8>, u32), Zeroizing<[u8; 32]>>;
+
+fn remembered() -> &'static Mutex<Remembered> {
+    static REMEMBERED_KEYS: OnceLock<Mutex<Remembered>> = OnceLock::new();
+    REMEMBERED_KEYS.get_or_init(Mutex::default)
+}
+
+fn remember_key(password: &[u8], first: &ServerFirst) -> (Vec<u8>, Vec<u8>, u32) {
+    (
         digest::digest(&digest::SHA256, password).as_ref().to_vec(),
-        salt.to_vec(),
-        iterations.get(),
-    );
-    if let Some(salted) = remember.lock().expect("scram memory lock").get(&key) {
-        return *salted;
+        first.salt.clone(),
+        first.iterations.get(),
+    )
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.password.zeroize();
     }
-    let mut salted = [0u8; 32];
-    pbkdf2::derive(
-        pbkdf2::PBKDF2_HMAC_SHA256,
-        iterations,
-        salt,
-        password,
-        &mut salted,
-    );
-    let mut remembered = remember.lock().expect("scram memory lock");
-    if remembered.len() >= REMEMBERED {
-        remembered.clear();
-    }
-    remembered.insert(key, salted);
-    salted
 }
 
 #[cfg(test)]

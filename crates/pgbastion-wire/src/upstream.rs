@@ -225,9 +225,18 @@ async fn authenticate(stream: &mut UpstreamStream, login: Login<'_>) -> Result<(
                 let started = exchange
                     .as_mut()
                     .ok_or_else(|| UpstreamError::Auth("SASL continue without SASL start".into()))?;
-                let client_final = started
-                    .client_final(fields.remaining())
+                let first = started
+                    .read_server_first(fields.remaining())
                     .map_err(|err| UpstreamError::Auth(format!("SCRAM: {err}")))?;
+                // A role's first login derives the salted password: milliseconds of HMACs,
+                // kept off the thread that runs sessions.
+                let salted = match started.remembered(&first) {
+                    Some(salted) => salted,
+                    None => tokio::task::spawn_blocking(started.salting(&first))
+                        .await
+                        .map_err(|err| UpstreamError::Auth(format!("SCRAM: {err}")))?,
+                };
+                let client_final = started.answer(&first, &salted);
                 frontend::sasl_response(client_final.as_bytes(), &mut out)
                     .map_err(WireError::from)?;
             }
