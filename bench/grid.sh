@@ -7,6 +7,9 @@
 #                 authentication, carol's policy, audit log to a file, session pools,
 #                 [runtime] worker_threads = $THREADS
 #   pgbastion_tx  the same in transaction mode with a pool of $TX_POOL
+#   pgbastion_plain, pgbastion_plain_tx
+#                 the same two without TLS and without the audit log (token and policy
+#                 still on): what pgbastion costs under PgBouncer's own conditions
 # Cells: select (-S) with -M simple/extended/prepared at -c 1/8/64; tpcb (the default
 # TPC-B-like script, -M simple) at -c 8; connect (-S -C, a new connection and so a new
 # authentication per transaction, -M simple) at -c 8. Targets are interleaved cell by cell
@@ -16,7 +19,8 @@
 # Environment (optional):
 #   DURATION=10   seconds per run          REPEAT=1     repetitions
 #   CLIENTS="1 8 64"  PROTOCOLS="simple extended prepared"  MODES="select tpcb connect"
-#   TARGETS="direct pgbouncer pgbouncer_tx pgbastion pgbastion_tx"  TX_POOL=8   SCALE=10
+#   TARGETS="direct pgbouncer pgbouncer_tx pgbastion pgbastion_tx pgbastion_plain pgbastion_plain_tx"
+#   TX_POOL=8   SCALE=10
 #   THREADS=1     pgbastion's worker threads (0: one per CPU)
 #   IDLE=5000     idle client sessions held on pgbastion_tx for the memory check (0: skip)
 #   SHARED_BENCH=../shared/bench   where start-pgbouncer.sh lives
@@ -29,7 +33,7 @@ REPEAT=${REPEAT:-1}
 CLIENTS=${CLIENTS:-1 8 64}
 PROTOCOLS=${PROTOCOLS:-simple extended prepared}
 MODES=${MODES:-select tpcb connect}
-TARGETS=${TARGETS:-direct pgbouncer pgbouncer_tx pgbastion pgbastion_tx}
+TARGETS=${TARGETS:-direct pgbouncer pgbouncer_tx pgbastion pgbastion_tx pgbastion_plain pgbastion_plain_tx}
 TX_POOL=${TX_POOL:-8}
 SCALE=${SCALE:-10}
 THREADS=${THREADS:-1}
@@ -71,9 +75,10 @@ rootcert=$(grep -o 'sslrootcert=[^"]*' "$work/demo.out" | head -1 | cut -d= -f2)
 token=$(curl -s "$token_url")
 config_path=$(grep -o '/tmp/pgbastion-demo-[^ ]*/pgbastion.toml' "$work/demo.out" | head -1)
 
-# serve_variant NAME MODE POOL -> starts `pgbastion serve` on a free port, prints the port
+# serve_variant NAME MODE POOL [plain] -> starts `pgbastion serve` on a free port, prints the
+# port; "plain": no TLS on the listener, no audit log
 serve_variant() {
-    local name=$1 mode=$2 pool=$3 port
+    local name=$1 mode=$2 pool=$3 plain=${4:-} port
     port=$(free_port)
     sed -e "s/^address = \"127.0.0.1:$proxy_port\"/address = \"127.0.0.1:$port\"/" \
         -e "s|^path = .*|path = \"$work/audit-$name.log\"|" \
@@ -81,6 +86,10 @@ serve_variant() {
         -e "s/^worker_threads = .*/worker_threads = $THREADS/" "$config_path" >"$work/$name.toml"
     # One admin listener is enough (the demo's).
     printf '\n' >>"$work/$name.toml"
+    if [ -n "$plain" ]; then
+        sed -i -e 's/^allow_plaintext = false/allow_plaintext = true/' -e 's/^sink = .*/sink = "off"/' \
+            -e '/^path = /d' "$work/$name.toml"
+    fi
     sed -i '/^\[admin\]/,/^\[/ s/^enabled = true/enabled = false/' "$work/$name.toml"
     "$root/target/release/pgbastion" serve --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
     serve_pids="$serve_pids $!"
@@ -89,8 +98,10 @@ serve_variant() {
 }
 session_port=$(serve_variant session session 100)
 tx_port=$(serve_variant transaction transaction "$TX_POOL")
+plain_port=$(serve_variant plain session 100 plain)
+plain_tx_port=$(serve_variant plain_tx transaction "$TX_POOL" plain)
 sleep 1
-for name in session transaction; do
+for name in session transaction plain plain_tx; do
     kill -0 "$(cat "$work/$name.pid")" 2>/dev/null || { echo "pgbastion ($name) did not start:" >&2; cat "$work/$name.log" >&2; exit 1; }
 done
 
@@ -117,6 +128,8 @@ target_env() {
         pgbouncer_tx) echo "PGHOST=127.0.0.1 PGPORT=${pgb_port[transaction]} PGUSER=demo_owner PGPASSWORD=$up_password PGSSLMODE=disable" ;;
         pgbastion) echo "PGHOST=127.0.0.1 PGPORT=$session_port PGUSER=carol PGPASSWORD=$token PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
         pgbastion_tx) echo "PGHOST=127.0.0.1 PGPORT=$tx_port PGUSER=carol PGPASSWORD=$token PGSSLMODE=verify-full PGSSLROOTCERT=$rootcert" ;;
+        pgbastion_plain) echo "PGHOST=127.0.0.1 PGPORT=$plain_port PGUSER=carol PGPASSWORD=$token PGSSLMODE=disable" ;;
+        pgbastion_plain_tx) echo "PGHOST=127.0.0.1 PGPORT=$plain_tx_port PGUSER=carol PGPASSWORD=$token PGSSLMODE=disable" ;;
     esac
 }
 
@@ -182,9 +195,10 @@ function added(a, cell,   r, n, sum) {
 }
 END {
     for (cell in cells)
-        printf "%-20s session: pgbastion/pgbouncer %s  transaction: pgbastion_tx/pgbouncer_tx %s  pgbastion/direct %s  pgbouncer/direct %s  latency added: pgbastion %s, pgbouncer %s\n", cell,
+        printf "%-20s session: pgbastion/pgbouncer %s  transaction: pgbastion_tx/pgbouncer_tx %s  pgbastion/direct %s  pgbouncer/direct %s  latency added: pgbastion %s, pgbouncer %s  without TLS and audit: session %s, transaction %s, latency added %s\n", cell,
             ratio("pgbastion", "pgbouncer", cell), ratio("pgbastion_tx", "pgbouncer_tx", cell), ratio("pgbastion", "direct", cell),
-            ratio("pgbouncer", "direct", cell), added("pgbastion", cell), added("pgbouncer", cell)
+            ratio("pgbouncer", "direct", cell), added("pgbastion", cell), added("pgbouncer", cell),
+            ratio("pgbastion_plain", "pgbouncer", cell), ratio("pgbastion_plain_tx", "pgbouncer_tx", cell), added("pgbastion_plain", cell)
 }' "$work/results.csv" | sort
 
 if [ "$IDLE" -gt 0 ]; then
