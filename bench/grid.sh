@@ -47,9 +47,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 work=$(mktemp -d /tmp/pgbastion-grid.XXXXXX)
 chmod 755 "$work"
 demo_pid=""
-serve_pids=""
 cleanup() {
-    for pid in $serve_pids; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+    # serve_variant runs in a subshell: its pids are in files.
+    for pid in $(cat "$work"/*.pid 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
     for mode in session transaction; do
         dir=$work/pgbouncer-$mode
         [ -d "$dir" ] && PGB_DIR=$dir "$shared/start-pgbouncer.sh" stop "$mode" >/dev/null 2>&1 || true
@@ -92,7 +92,6 @@ serve_variant() {
     fi
     sed -i '/^\[admin\]/,/^\[/ s/^enabled = true/enabled = false/' "$work/$name.toml"
     "$root/target/release/pgbastion" serve --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
-    serve_pids="$serve_pids $!"
     echo "$!" >"$work/$name.pid"
     echo "$port"
 }

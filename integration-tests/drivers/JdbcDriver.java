@@ -32,16 +32,18 @@ public class JdbcDriver {
             results.add(pool.submit(() -> {
                 try (Connection conn = DriverManager.getConnection(url, user, token)) {
                     for (int j = 0; j < ROUNDS; j++) {
+                        // pgjdbc names statements S_1, S_2, ... in every connection; each
+                        // client's own text shows an answer from another's as a wrong number.
                         try (PreparedStatement p = conn.prepareStatement(
-                                "SELECT ?::int * 10 + ?::int, pg_backend_pid()")) {
+                                "SELECT " + i + " AS client, ?::int * 10 + ?::int, pg_backend_pid()")) {
                             p.setInt(1, i);
                             p.setInt(2, j);
                             try (ResultSet r = p.executeQuery()) {
                                 r.next();
-                                if (r.getInt(1) != i * 10 + j) {
-                                    return "client " + i + ": got " + r.getInt(1);
+                                if (r.getInt(1) != i || r.getInt(2) != i * 10 + j) {
+                                    return "client " + i + ": got " + r.getInt(1) + ", " + r.getInt(2);
                                 }
-                                pids.add(r.getInt(2));
+                                pids.add(r.getInt(3));
                             }
                         }
                         conn.setAutoCommit(false);

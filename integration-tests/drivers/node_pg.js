@@ -20,13 +20,15 @@ async function client(i) {
   });
   await c.connect();
   for (let j = 0; j < ROUNDS; j++) {
+    // The same statement name in every client, each with its own text: an answer from
+    // another client's statement shows as a wrong client number.
     const r = await c.query({
       name: 'times_ten_plus',
-      text: 'SELECT $1::int * 10 + $2::int AS value, pg_backend_pid() AS pid',
+      text: `SELECT ${i} AS client, $1::int * 10 + $2::int AS value, pg_backend_pid() AS pid`,
       values: [i, j],
     });
-    if (r.rows[0].value !== i * 10 + j) {
-      throw new Error(`client ${i}: got ${r.rows[0].value}, expected ${i * 10 + j}`);
+    if (r.rows[0].client !== i || r.rows[0].value !== i * 10 + j) {
+      throw new Error(`client ${i}: got ${JSON.stringify(r.rows[0])}, expected value ${i * 10 + j}`);
     }
     pids.add(r.rows[0].pid);
     await c.query('BEGIN');

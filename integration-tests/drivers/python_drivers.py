@@ -25,9 +25,13 @@ async def asyncpg_client(i):
         host="127.0.0.1", port=PORT, user=USER, password=TOKEN, database="demo", ssl=tls
     )
     for j in range(ROUNDS):
-        statement = await conn.prepare("SELECT $1::int * 10 + $2::int, pg_backend_pid()")
-        value, pid = await statement.fetchrow(i, j)
-        assert value == i * 10 + j, (value, i, j)
+        # Each client's own text under the driver's shared statement names: an answer from
+        # another client's statement shows as a wrong client number.
+        statement = await conn.prepare(
+            f"SELECT {i} AS client, $1::int * 10 + $2::int, pg_backend_pid()"
+        )
+        client, value, pid = await statement.fetchrow(i, j)
+        assert (client, value) == (i, i * 10 + j), (client, value, i, j)
         pids["asyncpg"].add(pid)
         async with conn.transaction():
             count = await conn.fetchval("SELECT count(*) FROM orders WHERE id > $1", 0)
@@ -50,20 +54,23 @@ def psycopg_client(i, errors):
             sslmode="verify-full",
             sslrootcert=CA,
             prepare_threshold=0,
+            # Each statement its own transaction, as applications run them: without this
+            # the whole run would be one transaction on one connection.
+            autocommit=True,
         ) as conn:
             for j in range(ROUNDS):
-                value, pid = conn.execute(
-                    "SELECT %s::int * 10 + %s::int, pg_backend_pid()", (i, j)
+                client, value, pid = conn.execute(
+                    f"SELECT {i} AS client, %s::int * 10 + %s::int, pg_backend_pid()", (i, j)
                 ).fetchone()
-                assert value == i * 10 + j, (value, i, j)
+                assert (client, value) == (i, i * 10 + j), (client, value, i, j)
                 pids["psycopg"].add(pid)
                 with conn.transaction():
                     conn.execute("SELECT id FROM orders WHERE id > %s", (j,)).fetchall()
                 with conn.pipeline():
-                    first = conn.execute("SELECT %s::int", (j,))
-                    second = conn.execute("SELECT %s::text", (f"x{i}",))
+                    first = conn.execute(f"SELECT %s::int + {i} - {i}", (j,))
+                    second = conn.execute(f"SELECT %s::text || '{i}'", (f"x{i}",))
                 assert first.fetchone()[0] == j
-                assert second.fetchone()[0] == f"x{i}"
+                assert second.fetchone()[0] == f"x{i}{i}"
     except Exception as error:  # reported by the main thread
         errors.append(f"psycopg client {i}: {error!r}")
 

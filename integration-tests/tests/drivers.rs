@@ -12,6 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 const POOL: usize = 2;
+/// A driver waiting for an answer the proxy lost would otherwise wait forever.
+const DEADLINE: Duration = Duration::from_secs(120);
 
 async fn harness() -> Harness {
     Harness::start_with(|c| {
@@ -29,17 +31,18 @@ fn drivers_dir() -> PathBuf {
 /// Runs a driver script against the proxy as bob; checks it ended well and that no driver
 /// saw more upstream connections than the pool holds.
 async fn run(h: &Harness, program: &str, args: &[&str], needs: &str) {
-    let mut command = Command::new(program);
+    let mut command = tokio::process::Command::new(program);
     command
+        .kill_on_drop(true)
         .args(args)
         .current_dir(drivers_dir())
         .env("PGB_PORT", h.proxy.port().to_string())
         .env("PGB_USER", "bob")
         .env("PGB_TOKEN", h.token("bob"))
         .env("PGB_CA", h.ca_file());
-    let output = tokio::task::spawn_blocking(move || command.output())
+    let output = tokio::time::timeout(DEADLINE, command.output())
         .await
-        .unwrap()
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish in {DEADLINE:?}"))
         .unwrap_or_else(|err| panic!("{program} could not run ({err}): {needs}"));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&output.stdout),

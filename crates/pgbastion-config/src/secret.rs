@@ -64,11 +64,14 @@ impl SecretSource {
     /// Reads the secret. The only place configuration touches the filesystem or environment.
     pub fn resolve(&self) -> Result<Secret, SecretError> {
         if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|source| SecretError::File {
+            let mut text = std::fs::read_to_string(path).map_err(|source| SecretError::File {
                 path: path.clone(),
                 source,
             })?;
-            return Ok(Secret(text.trim_end_matches(['\r', '\n']).to_string()));
+            // Trimmed in place: no copy of the secret is left behind unzeroized.
+            let end = text.trim_end_matches(['\r', '\n']).len();
+            text.truncate(end);
+            return Ok(Secret(text));
         }
         if let Some(name) = &self.password_env {
             return std::env::var(name)

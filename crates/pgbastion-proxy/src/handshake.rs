@@ -399,7 +399,12 @@ async fn handshake(
         .json(),
     };
     let login_role = login_role.to_string();
-    let cancel = shared.cancels.register(upstream.key());
+    // Under transaction pooling the login's connection goes back to the pool below: a cancel
+    // request must not find it.
+    let cancel = shared.cancels.register(match mode {
+        PoolMode::Session => upstream.key(),
+        _ => None,
+    });
     let mut out = BytesMut::with_capacity(512);
     messages::auth_ok(&mut out);
     // The upstream's real ParameterStatus values (server_version, session_authorization, ...)
@@ -421,7 +426,6 @@ async fn handshake(
         }
         (_, Startup::Connected(checkout)) => {
             // Taken for the login's ParameterStatus values; each transaction takes its own.
-            cancel.set_upstream(None);
             crate::pool::Pools::release(checkout.stream, checkout.lease, shared);
             None
         }

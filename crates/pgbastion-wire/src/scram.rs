@@ -57,8 +57,9 @@ impl Exchange {
         // SASLprep, as PostgreSQL applies it; a password it rejects is used as it is (so
         // does the server).
         let password = match stringprep::saslprep(password) {
-            Ok(prepared) => prepared.as_bytes().to_vec(),
-            Err(_) => password.as_bytes().to_vec(),
+            // An owned result moves into the exchange (and is zeroized with it).
+            Ok(std::borrow::Cow::Owned(prepared)) => prepared.into_bytes(),
+            Ok(std::borrow::Cow::Borrowed(_)) | Err(_) => password.as_bytes().to_vec(),
         };
         Exchange {
             user: user.to_string(),
@@ -143,7 +144,7 @@ impl Exchange {
         &self,
         first: &ServerFirst,
     ) -> impl FnOnce() -> Zeroizing<[u8; 32]> + Send + 'static {
-        let password = self.password.clone();
+        let password = Zeroizing::new(self.password.clone());
         let (salt, iterations) = (first.salt.clone(), first.iterations);
         let key = remember_key(&self.password, first);
         move || {
