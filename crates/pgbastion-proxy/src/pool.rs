@@ -222,14 +222,23 @@ impl Pools {
         let (pool, parameters) = (&target.pool, &target.parameters);
         let started = Instant::now();
         let deadline = started + config.acquire_timeout;
-        loop {
-            let changed = pool.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
+        let next_step = || {
             let (step, evicted) = pool.next_step(parameters, max_size, generation);
             if let Some(evicted) = evicted {
                 metrics.pool_event("closed_to_make_room");
                 tokio::spawn(terminate(evicted));
+            }
+            step
+        };
+        loop {
+            let changed = pool.changed.notified();
+            tokio::pin!(changed);
+            let mut step = next_step();
+            if matches!(step, Step::Wait) {
+                // Registered before looking again, so a connection returned in between is
+                // not missed; only a client that must wait pays for the registration.
+                changed.as_mut().enable();
+                step = next_step();
             }
             match step {
                 Step::Reuse(mut idle) => {

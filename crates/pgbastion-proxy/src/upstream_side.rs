@@ -37,10 +37,10 @@ pub(crate) struct UpstreamToClient<'a> {
     own: BytesMut,
     /// Inside `process`: when the relay stops there, the stream is mid-message.
     processing: bool,
-    /// The expiry timers, created once for the session (`run` is entered again after each
-    /// transaction under transaction pooling) and whether each has fired.
-    warn: Pin<Box<Sleep>>,
-    end: Pin<Box<Sleep>>,
+    /// The expiry timer, created once for the session (`run` is entered again after each
+    /// transaction under transaction pooling): due at the warning, then at the end. One timer
+    /// rather than two: every wake-up of the relay polls it.
+    alarm: Pin<Box<Sleep>>,
     warn_fired: bool,
     end_fired: bool,
     /// Completed executions, reported after each batch.
@@ -61,11 +61,8 @@ impl<'a> UpstreamToClient<'a> {
         conn: u64,
         session_json: Arc<str>,
     ) -> Self {
-        let warn = Box::pin(tokio::time::sleep_until(
-            expiry.warn_at.unwrap_or_else(far_future),
-        ));
-        let end = Box::pin(tokio::time::sleep_until(
-            expiry.end_at.unwrap_or_else(far_future),
+        let alarm = Box::pin(tokio::time::sleep_until(
+            expiry.warn_at.or(expiry.end_at).unwrap_or_else(far_future),
         ));
         let (warn_fired, end_fired) = (expiry.warn_at.is_none(), expiry.end_at.is_none());
         UpstreamToClient {
@@ -84,8 +81,7 @@ impl<'a> UpstreamToClient<'a> {
             buf: BytesMut::new(),
             own: BytesMut::new(),
             processing: false,
-            warn,
-            end,
+            alarm,
             warn_fired,
             end_fired,
             finished: Vec::new(),
@@ -150,13 +146,17 @@ impl<'a> UpstreamToClient<'a> {
                         Err(_) => return Ended::ClientGone,
                     }
                 }
-                _ = &mut self.warn, if !self.warn_fired => {
-                    self.warn_fired = true;
-                    self.expiry.warning_due = true;
-                }
-                _ = &mut self.end, if !self.end_fired => {
-                    self.end_fired = true;
-                    self.expiry.expired = true;
+                _ = &mut self.alarm, if !(self.warn_fired && self.end_fired) => {
+                    if !self.warn_fired {
+                        self.warn_fired = true;
+                        self.expiry.warning_due = true;
+                        if let Some(end) = self.expiry.end_at.filter(|_| !self.end_fired) {
+                            self.alarm.as_mut().reset(end);
+                        }
+                    } else {
+                        self.end_fired = true;
+                        self.expiry.expired = true;
+                    }
                 }
                 changed = self.terminate.changed(), if !terminating => {
                     terminating = changed.is_err() || *self.terminate.borrow();
