@@ -311,3 +311,18 @@ pub mod raw {
         (head[0], body)
     }
 }
+
+/// Installs the locked npm packages of a fixture directory under integration-tests/ unless
+/// `module` is already there (.ci/run installs them beforehand).
+pub fn npm_ci(fixture: &str, module: &str) -> PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(fixture);
+    if !dir.join("node_modules").join(module).exists() {
+        let status = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm is needed for this test (Node.js 20 or newer): install nodejs and npm");
+        assert!(status.success(), "npm ci in {} failed", dir.display());
+    }
+    dir
+}

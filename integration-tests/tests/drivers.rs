@@ -5,10 +5,9 @@
 //! checks every answer itself (integration-tests/drivers/). Python, Node.js and Java with
 //! pgjdbc are installed by .ci/run; a missing one fails its test.
 
-use integration_tests::Harness;
+use integration_tests::{npm_ci, Harness};
 use pgbastion_config::PoolMode;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const POOL: usize = 2;
@@ -80,15 +79,7 @@ async fn asyncpg_and_psycopg_work_through_transaction_pooling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres_named_statements_work_through_transaction_pooling() {
-    let dir = drivers_dir();
-    if !dir.join("node_modules/pg").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(&dir)
-            .status()
-            .expect("npm is needed for this test: install nodejs and npm");
-        assert!(status.success(), "npm ci in {} failed", dir.display());
-    }
+    npm_ci("drivers", "pg");
     let h = harness().await;
     run(&h, "node", &["node_pg.js"], "install nodejs").await;
 }

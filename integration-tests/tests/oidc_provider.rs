@@ -2,9 +2,8 @@
 //! the test, issues an RFC 9068 JWT access token by client_credentials with a resource
 //! indicator, and that token logs in through pgbastion.
 
-use integration_tests::Harness;
+use integration_tests::{npm_ci, Harness};
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 const CLIENT_ID: &str = "reporting-service";
@@ -24,15 +23,7 @@ impl Drop for Provider {
 }
 
 fn start_provider() -> Provider {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc-provider");
-    if !dir.join("node_modules/oidc-provider").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(&dir)
-            .status()
-            .expect("npm is needed for this test (Node.js 20 or newer): install nodejs and npm");
-        assert!(status.success(), "npm ci in {} failed", dir.display());
-    }
+    let dir = npm_ci("oidc-provider", "oidc-provider");
     let mut child = Command::new("node")
         .arg("provider.mjs")
         .current_dir(&dir)

@@ -17,7 +17,7 @@ struct Entry {
 
 /// Where a session's cancel requests go; shared by the registry and the session's key, so
 /// that a transaction-pooled session moving between connections touches only its own lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Route {
     /// The upstream connection the session is using; None between transactions of a
     /// transaction pool (nothing runs, so there is nothing to cancel).
