@@ -33,6 +33,8 @@ const MAX_PORTALS: usize = 1024;
 const MAX_IN_FLIGHT: usize = 65_536;
 /// How deep `EXECUTE` of a statement that itself executes another may nest when re-deciding.
 const MAX_EXECUTE_DEPTH: usize = 16;
+/// Bytes queued for the upstream before they are written, at most.
+const WRITE_BATCH: usize = 64 * 1024;
 
 /// How a session reaches its database's catalog snapshots.
 pub(crate) struct CatalogAccess<'a> {
@@ -48,6 +50,10 @@ pub(crate) struct ClientToUpstream<'a> {
     upstream: Option<WriteHalf<UpstreamStream>>,
     /// Bytes read from the client and not yet handled.
     buf: BytesMut,
+    /// Bytes for the upstream not yet written. A batch whose messages are rewritten
+    /// (transaction pooling renames Parse, Bind and Describe) still goes out in one write:
+    /// a write per message would cost a syscall and an upstream wake-up each.
+    out: BytesMut,
     /// Transaction pooling: statements are renamed (see `renaming`) and the connection is
     /// released between transactions until the session creates session state.
     transaction_pool: bool,
@@ -123,6 +129,7 @@ impl<'a> ClientToUpstream<'a> {
             client,
             upstream,
             buf: BytesMut::with_capacity(READ_BUFFER),
+            out: BytesMut::new(),
             transaction_pool,
             statements: ClientStatements::default(),
             ledger,
@@ -195,8 +202,14 @@ impl<'a> ClientToUpstream<'a> {
             self.ledger.lock().expect("ledger lock").client_between = false;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        let processed = self.process(&mut buf).await;
+        let mut processed = self.process(&mut buf).await;
         self.buf = buf;
+        // A session that ends or needs a connection mid-batch still sends what it queued.
+        if processed.is_ok() {
+            if let Err(err) = self.write_out().await {
+                processed = Err(err);
+            }
+        }
         if self.transaction_pool {
             let mut ledger = self.ledger.lock().expect("ledger lock");
             ledger.client_between = self.between_requests();
@@ -492,13 +505,19 @@ impl<'a> ClientToUpstream<'a> {
                 }
             }
         }
-        self.flush_ready(buf, &mut ready).await?;
-        if let Some(upstream) = &mut self.upstream {
-            upstream.flush().await?;
+        if self.out.is_empty() {
+            // Nothing rewritten: the batch goes out as it came, without a copy.
+            if ready > 0 {
+                self.write_now(&buf[..ready]).await?;
+                buf.advance(ready);
+            }
+        } else {
+            self.flush_ready(buf, &mut ready).await?;
         }
         Ok(None)
     }
 
+    /// Queues the verbatim bytes `buf[..ready]` for the upstream.
     async fn flush_ready(&mut self, buf: &mut BytesMut, ready: &mut usize) -> std::io::Result<()> {
         if *ready > 0 {
             self.write(&buf[..*ready]).await?;
@@ -508,10 +527,40 @@ impl<'a> ClientToUpstream<'a> {
         Ok(())
     }
 
-    /// Writes upstream; only called while a connection is attached.
+    /// Queues `bytes` for the upstream; only called while a connection is attached. A full
+    /// batch is written at once, and a large message goes straight through uncopied.
     async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.upstream.is_none() {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        }
+        if self.out.len() + bytes.len() > WRITE_BATCH {
+            self.write_out().await?;
+            if bytes.len() > WRITE_BATCH {
+                return self.write_now(bytes).await;
+            }
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Writes what is queued, then flushes the upstream stream (TLS buffers records).
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            let out = std::mem::take(&mut self.out);
+            let written = self.write_now(&out).await;
+            self.out = out;
+            self.out.clear();
+            written?;
+        }
+        Ok(())
+    }
+
+    async fn write_now(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match &mut self.upstream {
-            Some(upstream) => upstream.write_all(bytes).await,
+            Some(upstream) => {
+                upstream.write_all(bytes).await?;
+                upstream.flush().await
+            }
             None => Err(std::io::ErrorKind::NotConnected.into()),
         }
     }
