@@ -103,3 +103,62 @@ async fn a_hundred_concurrent_sessions_each_get_their_answer() {
         "each session has its own upstream connection"
     );
 }
+
+/// engineer's password is stored as md5 and asked for by md5; analyst's is asked for in clear.
+fn legacy_upstream_methods(h: &Harness) {
+    let sql = format!(
+        "SET password_encryption = 'md5'; ALTER ROLE engineer PASSWORD '{}';",
+        h.cluster.password("engineer")
+    );
+    h.cluster.psql("postgres", &sql).unwrap();
+    let stored = h
+        .cluster
+        .psql(
+            "postgres",
+            "SELECT left(rolpassword, 3) FROM pg_authid WHERE rolname = 'engineer'",
+        )
+        .unwrap();
+    assert!(stored.contains("md5"), "{stored}");
+    h.cluster
+        .prepend_hba("host all engineer 127.0.0.1/32 md5\nhost all analyst 127.0.0.1/32 password")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_and_password_upstream_logins_work_once_allowed() {
+    let h = Harness::start_with(|config| {
+        config.upstream.auth_methods = vec![
+            pgbastion_config::UpstreamAuthMethod::ScramSha256,
+            pgbastion_config::UpstreamAuthMethod::Md5,
+            pgbastion_config::UpstreamAuthMethod::Password,
+        ];
+    })
+    .await;
+    legacy_upstream_methods(&h);
+    for (user, role) in [
+        ("bob", "engineer"),
+        ("alice", "analyst"),
+        ("carol", "demo_owner"),
+    ] {
+        let client = h.connect(user, &h.token(user)).await.unwrap();
+        let row = client.query_one("SELECT current_user", &[]).await.unwrap();
+        assert_eq!(row.get::<_, &str>(0), role);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_only_scram_upstream_logins_are_answered() {
+    let h = Harness::start().await;
+    legacy_upstream_methods(&h);
+    for user in ["bob", "alice"] {
+        let (code, message) = h.connect_error(user, "demo", &h.token(user)).await;
+        assert_eq!(code, "08006", "{user}: {message}");
+        assert!(
+            message.contains("could not log in to the upstream PostgreSQL"),
+            "{user}: {message}"
+        );
+    }
+    // SCRAM roles are unaffected.
+    let carol = h.connect("carol", &h.token("carol")).await.unwrap();
+    carol.simple_query("SELECT 1").await.unwrap();
+}

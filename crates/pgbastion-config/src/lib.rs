@@ -174,6 +174,46 @@ allow = ["read", "session"]
     }
 
     #[test]
+    fn upstream_auth_methods_default_to_scram_and_password_needs_tls_off_loopback() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().upstream.auth_methods,
+            [UpstreamAuthMethod::ScramSha256]
+        );
+        let with = |host: &str, tls: &str, methods: &str| {
+            MINIMAL.replace(
+                "host = \"127.0.0.1\"\ntls = \"disable\"",
+                &format!("host = \"{host}\"\ntls = \"{tls}\"\nauth_methods = {methods}"),
+            )
+        };
+        let config = parse(&with("127.0.0.1", "disable", r#"["md5", "password"]"#)).unwrap();
+        assert_eq!(
+            config.upstream.auth_methods,
+            [UpstreamAuthMethod::Md5, UpstreamAuthMethod::Password]
+        );
+        let shown = parse(&with("db.example.com", "disable", r#"["password"]"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            shown.contains(
+                "upstream.auth_methods: \"password\" would send the roles' passwords in clear"
+            ),
+            "{shown}"
+        );
+        parse(&with("db.example.com", "require", r#"["password"]"#)).unwrap();
+        let shown = parse(&with("127.0.0.1", "disable", "[]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            shown.contains("upstream.auth_methods: must list at least one"),
+            "{shown}"
+        );
+        let shown = parse(&with("127.0.0.1", "disable", r#"["trust"]"#))
+            .unwrap_err()
+            .to_string();
+        assert!(shown.contains("unknown variant `trust`"), "{shown}");
+    }
+
+    #[test]
     fn http_issuers_are_refused_unless_on_loopback() {
         let text = MINIMAL.replace("https://idp.example.com", "http://idp.example.com");
         let problems = parse(&text).unwrap_err();

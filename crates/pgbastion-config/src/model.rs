@@ -215,6 +215,20 @@ pub enum UpstreamTls {
     VerifyFull,
 }
 
+/// A password authentication method the upstream may ask pgbastion for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum UpstreamAuthMethod {
+    /// SCRAM-SHA-256: the password never crosses the wire and the server proves it knows it.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// md5: a replayable hash of the password crosses the wire.
+    #[serde(rename = "md5")]
+    Md5,
+    /// The password itself crosses the wire.
+    #[serde(rename = "password")]
+    Password,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
@@ -228,6 +242,10 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     #[serde(default = "defaults::connect_timeout", with = "crate::duration")]
     pub connect_timeout: Duration,
+    /// The methods pgbastion answers when it logs in; an upstream (or an impostor) asking
+    /// for another gets no credential. Default: SCRAM-SHA-256 only.
+    #[serde(default = "defaults::upstream_auth_methods")]
+    pub auth_methods: Vec<UpstreamAuthMethod>,
     /// Credentials of the roles pgbastion logs in as, by role name.
     #[serde(default)]
     pub roles: BTreeMap<String, SecretSource>,
@@ -416,6 +434,9 @@ mod defaults {
     }
     pub fn upstream_tls() -> UpstreamTls {
         UpstreamTls::VerifyFull
+    }
+    pub fn upstream_auth_methods() -> Vec<UpstreamAuthMethod> {
+        vec![UpstreamAuthMethod::ScramSha256]
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)

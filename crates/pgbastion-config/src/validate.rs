@@ -245,6 +245,28 @@ fn upstream(upstream: &Upstream, out: &mut Collector) {
             "tls = \"verify-full\" needs the CA certificate that signed the upstream's certificate",
         );
     }
+    if upstream.auth_methods.is_empty() {
+        out.add(
+            "upstream.auth_methods",
+            "must list at least one method: \"scram-sha-256\", \"md5\" or \"password\"",
+        );
+    }
+    let loopback = match upstream.host.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => upstream.host == "localhost",
+    };
+    if upstream
+        .auth_methods
+        .contains(&UpstreamAuthMethod::Password)
+        && upstream.tls == UpstreamTls::Disable
+        && !loopback
+    {
+        out.add(
+            "upstream.auth_methods",
+            "\"password\" would send the roles' passwords in clear over the network: set \
+             upstream.tls to \"verify-full\", or store the passwords as SCRAM upstream",
+        );
+    }
     if let Some(gateway) = &upstream.gateway {
         if !upstream.roles.contains_key(&gateway.role) {
             out.add(

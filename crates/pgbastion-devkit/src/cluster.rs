@@ -124,6 +124,15 @@ impl PgCluster {
         run_psql(&self.bin, self.dir.path(), self.port, database, sql)
     }
 
+    /// Puts `lines` ahead of the cluster's pg_hba.conf rules (first match wins) and reloads.
+    pub fn prepend_hba(&self, lines: &str) -> Result<()> {
+        let path = self.dir.path().join("data").join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&path).context("reading pg_hba.conf")?;
+        std::fs::write(&path, format!("{lines}\n{rules}")).context("writing pg_hba.conf")?;
+        self.psql("postgres", "SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
     /// The server's log so far, for test failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()

@@ -2,10 +2,12 @@
 //! Built once at start; everything a connection needs, ready to use.
 
 use pgbastion_auth::Mapper;
-use pgbastion_config::{Config, Secret, UpstreamTls, DEFAULT_STARTUP_PARAMETERS};
+use pgbastion_config::{
+    Config, Secret, UpstreamAuthMethod, UpstreamTls, DEFAULT_STARTUP_PARAMETERS,
+};
 use pgbastion_policy::CompiledPolicy;
 use pgbastion_wire::tls::{self, UpstreamTlsMode};
-use pgbastion_wire::upstream::UpstreamTarget;
+use pgbastion_wire::upstream::{AuthMethods, UpstreamTarget};
 use rustls::ServerConfig;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,11 +55,17 @@ impl Settings {
                 tls::upstream_verify_full(&pem).map_err(|err| format!("upstream.ca_file: {err}"))?
             }
         };
+        let methods = &config.upstream.auth_methods;
         let upstream = UpstreamTarget {
             host: config.upstream.host.clone(),
             port: config.upstream.port,
             tls: upstream_tls,
             connect_timeout: config.upstream.connect_timeout,
+            auth_methods: AuthMethods {
+                scram_sha_256: methods.contains(&UpstreamAuthMethod::ScramSha256),
+                md5: methods.contains(&UpstreamAuthMethod::Md5),
+                password: methods.contains(&UpstreamAuthMethod::Password),
+            },
         };
         let mut role_passwords = BTreeMap::new();
         for (role, source) in &config.upstream.roles {

@@ -27,6 +27,40 @@ pub struct UpstreamTarget {
     pub port: u16,
     pub tls: UpstreamTlsMode,
     pub connect_timeout: Duration,
+    pub auth_methods: AuthMethods,
+}
+
+/// The authentication methods pgbastion answers when it logs in (`upstream.auth_methods`).
+/// An upstream asking for another gets no credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthMethods {
+    pub scram_sha_256: bool,
+    pub md5: bool,
+    pub password: bool,
+}
+
+impl AuthMethods {
+    /// Refuses `method` unless it is allowed, with what to do about it.
+    fn allow(&self, allowed: bool, method: &str, asks: &str) -> Result<(), UpstreamError> {
+        if allowed {
+            return Ok(());
+        }
+        let listed: Vec<&str> = [
+            (self.scram_sha_256, "scram-sha-256"),
+            (self.md5, "md5"),
+            (self.password, "password"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        Err(UpstreamError::Auth(format!(
+            "upstream asks for {asks}, which upstream.auth_methods does not allow (it lists {}); \
+             pgbastion sent no credential. Store the role's password as SCRAM upstream \
+             (password_encryption = 'scram-sha-256', then ALTER ROLE ... PASSWORD) with \
+             scram-sha-256 in pg_hba.conf, or add \"{method}\" to upstream.auth_methods",
+            listed.join(", ")
+        )))
+    }
 }
 
 impl UpstreamTarget {
@@ -112,7 +146,7 @@ async fn connect_inner(
     );
     frontend::startup_message(parameters, &mut out).map_err(WireError::from)?;
     stream.write_all(&out).await.map_err(WireError::from)?;
-    authenticate(&mut stream, login).await?;
+    authenticate(&mut stream, login, target.auth_methods).await?;
     finish_startup(stream).await
 }
 
@@ -158,7 +192,11 @@ async fn open(target: &UpstreamTarget) -> Result<UpstreamStream, UpstreamError> 
 }
 
 /// Runs the authentication exchange the upstream asks for, up to AuthenticationOk.
-async fn authenticate(stream: &mut UpstreamStream, login: Login<'_>) -> Result<(), UpstreamError> {
+async fn authenticate(
+    stream: &mut UpstreamStream,
+    login: Login<'_>,
+    methods: AuthMethods,
+) -> Result<(), UpstreamError> {
     let mut exchange: Option<scram::Exchange> = None;
     loop {
         let (tag, body) = read_message(stream, "upstream message", MAX_LOGIN_MESSAGE).await?;
@@ -192,13 +230,19 @@ async fn authenticate(stream: &mut UpstreamStream, login: Login<'_>) -> Result<(
         }
         match code {
             0 => return Ok(()),
-            3 => frontend::password_message(login.password.as_bytes(), &mut out).map_err(WireError::from)?,
+            3 => {
+                methods.allow(methods.password, "password", "the password in clear (method password)")?;
+                frontend::password_message(login.password.as_bytes(), &mut out)
+                    .map_err(WireError::from)?
+            }
             5 => {
+                methods.allow(methods.md5, "md5", "an md5 hash of the password (method md5)")?;
                 let salt: [u8; 4] = fields.take(4)?.try_into().expect("4 bytes");
                 let hash = md5_hash(login.user.as_bytes(), login.password.as_bytes(), salt);
                 frontend::password_message(hash.as_bytes(), &mut out).map_err(WireError::from)?;
             }
             10 => {
+                methods.allow(methods.scram_sha_256, "scram-sha-256", "SCRAM-SHA-256")?;
                 let mut offered = Vec::new();
                 loop {
                     let mechanism = fields.cstr()?;
@@ -328,4 +372,93 @@ pub async fn cancel(target: &UpstreamTarget, pid: i32, secret: i32) -> Result<()
                 timeout: target.connect_timeout,
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A server that reads the StartupMessage, asks for authentication `code` (with `extra`
+    /// bytes), then reports the client's next message (empty if it hangs up instead).
+    async fn impostor(
+        code: i32,
+        extra: &'static [u8],
+    ) -> (UpstreamTarget, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let len = socket.read_i32().await.unwrap() as usize;
+            let mut startup = vec![0; len - 4];
+            socket.read_exact(&mut startup).await.unwrap();
+            let mut body = code.to_be_bytes().to_vec();
+            body.extend_from_slice(extra);
+            let mut out = BytesMut::new();
+            raw(b'R', &body, &mut out);
+            socket.write_all(&out).await.unwrap();
+            // The client's next message, if it sends one before hanging up.
+            let mut after = vec![0; 5];
+            if socket.read_exact(&mut after).await.is_err() {
+                return Vec::new();
+            }
+            let len = i32::from_be_bytes(after[1..5].try_into().unwrap()) as usize;
+            after.resize(1 + len, 0);
+            socket.read_exact(&mut after[5..]).await.unwrap();
+            after
+        });
+        let target = UpstreamTarget {
+            host: "127.0.0.1".into(),
+            port,
+            tls: UpstreamTlsMode::Disable,
+            connect_timeout: Duration::from_secs(5),
+            auth_methods: AuthMethods {
+                scram_sha_256: true,
+                md5: false,
+                password: false,
+            },
+        };
+        (target, server)
+    }
+
+    const LOGIN: Login<'static> = Login {
+        user: "app",
+        password: "the-role-password",
+        database: "app",
+        parameters: &[],
+    };
+
+    #[tokio::test]
+    async fn a_method_not_allowed_gets_no_credential_and_says_what_to_change() {
+        for (code, extra, asks, method) in [
+            (3, &b""[..], "the password in clear", "password"),
+            (5, &b"salt"[..], "an md5 hash of the password", "md5"),
+        ] {
+            let (target, server) = impostor(code, extra).await;
+            let err = connect(&target, LOGIN).await.unwrap_err().to_string();
+            assert!(err.contains(&format!("upstream asks for {asks}")), "{err}");
+            assert!(err.contains("it lists scram-sha-256"), "{err}");
+            assert!(
+                err.contains(&format!("add \"{method}\" to upstream.auth_methods")),
+                "{err}"
+            );
+            assert_eq!(
+                server.await.unwrap(),
+                b"",
+                "nothing may follow the StartupMessage"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_allowed_method_is_answered() {
+        let (mut target, server) = impostor(3, b"").await;
+        target.auth_methods.password = true;
+        // The impostor hangs up after the answer: the login fails, the answer was sent.
+        assert!(connect(&target, LOGIN).await.is_err());
+        let sent = server.await.unwrap();
+        assert!(sent.starts_with(b"p"), "{sent:?}");
+        assert!(sent.ends_with(b"the-role-password\0"), "{sent:?}");
+    }
 }
