@@ -119,6 +119,10 @@ fn legacy_upstream_methods(h: &Harness) {
         )
         .unwrap();
     assert!(stored.contains("md5"), "{stored}");
+    // Each login's method goes to the server log.
+    h.cluster
+        .psql("postgres", "ALTER SYSTEM SET log_connections = on")
+        .unwrap();
     h.cluster
         .prepend_hba("host all engineer 127.0.0.1/32 md5\nhost all analyst 127.0.0.1/32 password")
         .unwrap();
@@ -144,6 +148,14 @@ async fn md5_and_password_upstream_logins_work_once_allowed() {
         let row = client.query_one("SELECT current_user", &[]).await.unwrap();
         assert_eq!(row.get::<_, &str>(0), role);
     }
+    let log = h.cluster.log();
+    for login in [
+        "identity=\"engineer\" method=md5",
+        "identity=\"analyst\" method=password",
+        "identity=\"demo_owner\" method=scram-sha-256",
+    ] {
+        assert!(log.contains(login), "{login} not in the server log:\n{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +166,7 @@ async fn by_default_only_scram_upstream_logins_are_answered() {
         let (code, message) = h.connect_error(user, "demo", &h.token(user)).await;
         assert_eq!(code, "08006", "{user}: {message}");
         assert!(
-            message.contains("could not log in to the upstream PostgreSQL"),
+            message.contains("by an authentication method it does not answer"),
             "{user}: {message}"
         );
     }

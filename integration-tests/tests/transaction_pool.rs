@@ -249,3 +249,36 @@ async fn pgbench_prepared_runs_on_a_transaction_pool() {
     );
     assert!(upstream_sessions(&h, "demo_owner") <= 2);
 }
+
+/// A pipeline of renamed Binds larger than one write, with Binds too large to hold whole
+/// (streamed through) in the middle: every answer comes back to its query, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pipeline_with_large_binds_keeps_every_answer_in_place() {
+    let h = transaction_harness(2).await;
+    let client = h.connect("bob", &h.token("bob")).await.unwrap();
+    let statement = client
+        .prepare("SELECT length($1::text), $2::int4")
+        .await
+        .unwrap();
+    let texts: Vec<String> = (0..400usize)
+        .map(|i| match i % 50 {
+            // 200 KiB: more than the proxy holds of one message before streaming it.
+            7 => "x".repeat(200 * 1024 + i),
+            _ => "y".repeat(300 + i),
+        })
+        .collect();
+    let queries = texts.iter().enumerate().map(|(i, text)| {
+        let client = &client;
+        let statement = &statement;
+        async move {
+            let n = i as i32;
+            let row = client.query_one(statement, &[text, &n]).await.unwrap();
+            (row.get::<_, i32>(0), row.get::<_, i32>(1))
+        }
+    });
+    // Polled together, tokio-postgres sends them as one pipeline.
+    let answers = futures::future::join_all(queries).await;
+    for (i, (length, n)) in answers.into_iter().enumerate() {
+        assert_eq!((length as usize, n as usize), (texts[i].len(), i));
+    }
+}

@@ -194,12 +194,19 @@ allow = ["read", "session"]
             .unwrap_err()
             .to_string();
         assert!(
-            shown.contains(
-                "upstream.auth_methods: \"password\" would send the roles' passwords in clear"
-            ),
+            shown.contains("upstream.auth_methods: \"password\" would hand the roles' passwords"),
             "{shown}"
         );
-        parse(&with("db.example.com", "require", r#"["password"]"#)).unwrap();
+        let shown = parse(&with("db.example.com", "require", r#"["password"]"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            shown.contains("to whoever poses as the upstream"),
+            "{shown}"
+        );
+        let verified = with("db.example.com", "verify-full", r#"["password"]"#)
+            .replace("auth_methods", "ca_file = \"/etc/ca.pem\"\nauth_methods");
+        parse(&verified).unwrap();
         let shown = parse(&with("127.0.0.1", "disable", "[]"))
             .unwrap_err()
             .to_string();
@@ -207,10 +214,12 @@ allow = ["read", "session"]
             shown.contains("upstream.auth_methods: must list at least one"),
             "{shown}"
         );
-        let shown = parse(&with("127.0.0.1", "disable", r#"["trust"]"#))
+        let shown = parse(&with("127.0.0.1", "disable", r#"["kerberos"]"#))
             .unwrap_err()
             .to_string();
-        assert!(shown.contains("unknown variant `trust`"), "{shown}");
+        assert!(shown.contains("unknown variant `kerberos`"), "{shown}");
+        let config = parse(&with("127.0.0.1", "disable", r#"["trust"]"#)).unwrap();
+        assert_eq!(config.upstream.auth_methods, [UpstreamAuthMethod::Trust]);
     }
 
     #[test]

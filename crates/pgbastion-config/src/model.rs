@@ -215,18 +215,23 @@ pub enum UpstreamTls {
     VerifyFull,
 }
 
-/// A password authentication method the upstream may ask pgbastion for.
+/// An authentication method the upstream may ask pgbastion for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum UpstreamAuthMethod {
     /// SCRAM-SHA-256: the password never crosses the wire and the server proves it knows it.
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
-    /// md5: a replayable hash of the password crosses the wire.
+    /// md5: a salted hash of the password crosses the wire; whoever receives it can guess
+    /// the password offline, and the server proves nothing.
     #[serde(rename = "md5")]
     Md5,
     /// The password itself crosses the wire.
     #[serde(rename = "password")]
     Password,
+    /// No authentication at all: the upstream says AuthenticationOk at once (a trust rule
+    /// in pg_hba.conf). Anyone who can pose as the upstream gets the sessions.
+    #[serde(rename = "trust")]
+    Trust,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -243,7 +248,8 @@ pub struct Upstream {
     #[serde(default = "defaults::connect_timeout", with = "crate::duration")]
     pub connect_timeout: Duration,
     /// The methods pgbastion answers when it logs in; an upstream (or an impostor) asking
-    /// for another gets no credential. Default: SCRAM-SHA-256 only.
+    /// for another, or letting pgbastion in unasked without "trust" listed, gets no
+    /// credential and no session. Default: SCRAM-SHA-256 only.
     #[serde(default = "defaults::upstream_auth_methods")]
     pub auth_methods: Vec<UpstreamAuthMethod>,
     /// Credentials of the roles pgbastion logs in as, by role name.

@@ -248,7 +248,7 @@ fn upstream(upstream: &Upstream, out: &mut Collector) {
     if upstream.auth_methods.is_empty() {
         out.add(
             "upstream.auth_methods",
-            "must list at least one method: \"scram-sha-256\", \"md5\" or \"password\"",
+            "must list at least one method: \"scram-sha-256\", \"md5\", \"password\" or \"trust\"",
         );
     }
     let loopback = match upstream.host.parse::<IpAddr>() {
@@ -258,13 +258,13 @@ fn upstream(upstream: &Upstream, out: &mut Collector) {
     if upstream
         .auth_methods
         .contains(&UpstreamAuthMethod::Password)
-        && upstream.tls == UpstreamTls::Disable
+        && upstream.tls != UpstreamTls::VerifyFull
         && !loopback
     {
         out.add(
             "upstream.auth_methods",
-            "\"password\" would send the roles' passwords in clear over the network: set \
-             upstream.tls to \"verify-full\", or store the passwords as SCRAM upstream",
+            "\"password\" would hand the roles' passwords to whoever poses as the upstream: \
+             set upstream.tls to \"verify-full\", or store the passwords as SCRAM upstream",
         );
     }
     if let Some(gateway) = &upstream.gateway {

@@ -129,7 +129,18 @@ impl PgCluster {
         let path = self.dir.path().join("data").join("pg_hba.conf");
         let rules = std::fs::read_to_string(&path).context("reading pg_hba.conf")?;
         std::fs::write(&path, format!("{lines}\n{rules}")).context("writing pg_hba.conf")?;
+        let before = self.psql("postgres", "SELECT pg_conf_load_time()")?;
         self.psql("postgres", "SELECT pg_reload_conf()")?;
+        // The postmaster reloads when it gets to the signal; a backend started after that
+        // inherits the new load time.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let check = format!("SELECT pg_conf_load_time() > '{}'", before.trim());
+        while self.psql("postgres", &check)?.trim() != "t" {
+            if Instant::now() > deadline {
+                bail!("PostgreSQL did not reload pg_hba.conf");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Ok(())
     }
 

@@ -172,6 +172,8 @@ impl<'a> ClientToUpstream<'a> {
 
     /// Gives the connection back (after a release, or at the end).
     pub fn detach(&mut self) -> Option<WriteHalf<UpstreamStream>> {
+        // Bytes queued for this connection never go to the next one.
+        self.out.clear();
         self.upstream.take()
     }
 
@@ -204,7 +206,8 @@ impl<'a> ClientToUpstream<'a> {
         let mut buf = std::mem::take(&mut self.buf);
         let mut processed = self.process(&mut buf).await;
         self.buf = buf;
-        // A session that ends or needs a connection mid-batch still sends what it queued.
+        // A session that ends mid-batch still sends what it queued (a session that needs a
+        // connection has none, so nothing is queued then).
         if processed.is_ok() {
             if let Err(err) = self.write_out().await {
                 processed = Err(err);
@@ -546,10 +549,13 @@ impl<'a> ClientToUpstream<'a> {
     /// Writes what is queued, then flushes the upstream stream (TLS buffers records).
     async fn write_out(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            let out = std::mem::take(&mut self.out);
+            let mut out = std::mem::take(&mut self.out);
             let written = self.write_now(&out).await;
-            self.out = out;
-            self.out.clear();
+            // A large batch's buffer is not kept: thousands of idle sessions would hold it.
+            if out.capacity() <= READ_BUFFER {
+                out.clear();
+                self.out = out;
+            }
             written?;
         }
         Ok(())

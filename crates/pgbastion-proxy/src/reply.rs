@@ -105,6 +105,14 @@ impl Refusal {
                     format!("pgbastion could not log in to the upstream PostgreSQL as role '{role}'"),
                 )
                 .hint("the proxy's credential for this role is wrong or missing upstream; tell the pgbastion operator"),
+                UpstreamError::MethodNotAllowed(_) => fatal(
+                    codes::CONNECTION_FAILURE,
+                    format!(
+                        "the upstream PostgreSQL asks pgbastion to log in as role '{role}' by an \
+                         authentication method it does not answer"
+                    ),
+                )
+                .hint("tell the pgbastion operator: the upstream's pg_hba.conf and upstream.auth_methods disagree (the proxy's log says how)"),
                 UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => fatal(
                     codes::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                     "the upstream PostgreSQL is unreachable".into(),

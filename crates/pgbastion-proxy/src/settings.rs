@@ -65,6 +65,7 @@ impl Settings {
                 scram_sha_256: methods.contains(&UpstreamAuthMethod::ScramSha256),
                 md5: methods.contains(&UpstreamAuthMethod::Md5),
                 password: methods.contains(&UpstreamAuthMethod::Password),
+                trust: methods.contains(&UpstreamAuthMethod::Trust),
             },
         };
         let mut role_passwords = BTreeMap::new();

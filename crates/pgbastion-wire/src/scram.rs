@@ -23,6 +23,9 @@ const REMEMBERED: usize = 256;
 /// Round counts refused above this (PostgreSQL's default is 4,096): a server asking for more
 /// would hold the proxy's thread for a first login.
 const MAX_ITERATIONS: u32 = 100_000;
+/// Round counts refused below this (RFC 7677's minimum, PostgreSQL's default): an impostor
+/// asking for fewer would get a proof whose password is cheap to guess offline.
+const MIN_ITERATIONS: u32 = 4096;
 
 /// One exchange: `client_first`, then `client_final` with the server's first message, then
 /// `verify` of the server's final message.
@@ -118,8 +121,14 @@ impl Exchange {
             .parse()
             .map_err(|_| "the server's iteration count is not a number".to_string())?;
         let iterations = NonZeroU32::new(iterations)
-            .filter(|n| n.get() <= MAX_ITERATIONS)
-            .ok_or_else(|| format!("the server asks for {iterations} iterations"))?;
+            .filter(|n| (MIN_ITERATIONS..=MAX_ITERATIONS).contains(&n.get()))
+            .ok_or_else(|| {
+                format!(
+                    "the server asks for {iterations} iterations; pgbastion answers \
+                     {MIN_ITERATIONS} to {MAX_ITERATIONS} (fewer would make its proof cheap \
+                     to crack; set scram_iterations upstream and the role's password again)"
+                )
+            })?;
         Ok(ServerFirst {
             text: text.to_string(),
             nonce: nonce.to_string(),
@@ -312,6 +321,8 @@ mod tests {
             "r=abcX,i=4096",
             "m=ext,r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
             "r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=100001",
+            "r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4095",
+            "r=abcX,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=1",
         ] {
             let mut exchange = Exchange::with_nonce("", "pencil", "abc".into());
             assert!(

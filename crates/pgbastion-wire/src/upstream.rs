@@ -37,6 +37,8 @@ pub struct AuthMethods {
     pub scram_sha_256: bool,
     pub md5: bool,
     pub password: bool,
+    /// AuthenticationOk with no authentication asked for.
+    pub trust: bool,
 }
 
 impl AuthMethods {
@@ -49,15 +51,22 @@ impl AuthMethods {
             (self.scram_sha_256, "scram-sha-256"),
             (self.md5, "md5"),
             (self.password, "password"),
+            (self.trust, "trust"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
         .collect();
-        Err(UpstreamError::Auth(format!(
-            "upstream asks for {asks}, which upstream.auth_methods does not allow (it lists {}); \
-             pgbastion sent no credential. Store the role's password as SCRAM upstream \
-             (password_encryption = 'scram-sha-256', then ALTER ROLE ... PASSWORD) with \
-             scram-sha-256 in pg_hba.conf, or add \"{method}\" to upstream.auth_methods",
+        let remedy = match method {
+            "scram-sha-256" => String::new(),
+            "trust" => "require scram-sha-256 for this role in pg_hba.conf, or ".into(),
+            _ => "store the role's password as SCRAM upstream (password_encryption = \
+                  'scram-sha-256', then ALTER ROLE ... PASSWORD) with scram-sha-256 in \
+                  pg_hba.conf, or "
+                .into(),
+        };
+        Err(UpstreamError::MethodNotAllowed(format!(
+            "upstream {asks}, which upstream.auth_methods does not allow (it lists {}); \
+             pgbastion sent no credential: {remedy}add \"{method}\" to upstream.auth_methods",
             listed.join(", ")
         )))
     }
@@ -108,6 +117,9 @@ pub enum UpstreamError {
     },
     #[error("authentication with upstream PostgreSQL failed: {0}")]
     Auth(String),
+    /// The upstream asked for an authentication method `upstream.auth_methods` leaves out.
+    #[error("authentication with upstream PostgreSQL refused: {0}")]
+    MethodNotAllowed(String),
     #[error("upstream PostgreSQL: {0}")]
     Wire(#[from] WireError),
 }
@@ -198,6 +210,9 @@ async fn authenticate(
     methods: AuthMethods,
 ) -> Result<(), UpstreamError> {
     let mut exchange: Option<scram::Exchange> = None;
+    // Whether pgbastion answered a request for a credential: AuthenticationOk before that
+    // is a login without authentication.
+    let mut answered = false;
     loop {
         let (tag, body) = read_message(stream, "upstream message", MAX_LOGIN_MESSAGE).await?;
         match tag {
@@ -229,20 +244,41 @@ async fn authenticate(
             }
         }
         match code {
-            0 => return Ok(()),
+            0 => {
+                if !answered {
+                    methods.allow(
+                        methods.trust,
+                        "trust",
+                        "lets pgbastion in without any authentication (trust)",
+                    )?;
+                }
+                return Ok(());
+            }
             3 => {
-                methods.allow(methods.password, "password", "the password in clear (method password)")?;
+                methods.allow(
+                    methods.password,
+                    "password",
+                    "asks for the password in clear (method password)",
+                )?;
                 frontend::password_message(login.password.as_bytes(), &mut out)
                     .map_err(WireError::from)?
             }
             5 => {
-                methods.allow(methods.md5, "md5", "an md5 hash of the password (method md5)")?;
+                methods.allow(
+                    methods.md5,
+                    "md5",
+                    "asks for an md5 hash of the password (method md5)",
+                )?;
                 let salt: [u8; 4] = fields.take(4)?.try_into().expect("4 bytes");
                 let hash = md5_hash(login.user.as_bytes(), login.password.as_bytes(), salt);
                 frontend::password_message(hash.as_bytes(), &mut out).map_err(WireError::from)?;
             }
             10 => {
-                methods.allow(methods.scram_sha_256, "scram-sha-256", "SCRAM-SHA-256")?;
+                methods.allow(
+                    methods.scram_sha_256,
+                    "scram-sha-256",
+                    "asks for SCRAM-SHA-256",
+                )?;
                 let mut offered = Vec::new();
                 loop {
                     let mechanism = fields.cstr()?;
@@ -266,9 +302,9 @@ async fn authenticate(
                 exchange = Some(started);
             }
             11 => {
-                let started = exchange
-                    .as_mut()
-                    .ok_or_else(|| UpstreamError::Auth("SASL continue without SASL start".into()))?;
+                let started = exchange.as_mut().ok_or_else(|| {
+                    UpstreamError::Auth("SASL continue without SASL start".into())
+                })?;
                 let first = started
                     .read_server_first(fields.remaining())
                     .map_err(|err| UpstreamError::Auth(format!("SCRAM: {err}")))?;
@@ -292,14 +328,17 @@ async fn authenticate(
                 started
                     .verify(fields.remaining())
                     .map_err(|err| UpstreamError::Auth(format!("SCRAM server signature: {err}")))?;
+                answered = true;
                 continue;
             }
             code => {
                 return Err(UpstreamError::Auth(format!(
-                    "upstream asks for authentication method {code}, which pgbastion does not support (use scram-sha-256, md5 or password)"
-                )))
+                "upstream asks for authentication method {code}, which pgbastion does not support \
+                     (upstream.auth_methods can allow scram-sha-256, md5, password or trust)"
+            )))
             }
         }
+        answered |= matches!(code, 3 | 5);
         stream.write_all(&out).await.map_err(WireError::from)?;
     }
 }
@@ -417,6 +456,7 @@ mod tests {
                 scram_sha_256: true,
                 md5: false,
                 password: false,
+                trust: false,
             },
         };
         (target, server)
@@ -449,6 +489,47 @@ mod tests {
                 "nothing may follow the StartupMessage"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_login_without_authentication_needs_trust_allowed() {
+        let (target, server) = impostor(0, b"").await;
+        let err = connect(&target, LOGIN).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::MethodNotAllowed(_)), "{err}");
+        let err = err.to_string();
+        assert!(
+            err.contains("upstream lets pgbastion in without any authentication"),
+            "{err}"
+        );
+        assert!(
+            err.contains("require scram-sha-256 for this role in pg_hba.conf"),
+            "{err}"
+        );
+        assert_eq!(server.await.unwrap(), b"");
+        // Allowed, the login goes on (and waits for the startup messages this server never sends).
+        let (mut target, _server) = impostor(0, b"").await;
+        target.auth_methods.trust = true;
+        target.connect_timeout = Duration::from_millis(200);
+        let err = connect(&target, LOGIN).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn scram_left_out_is_refused_too() {
+        let (mut target, server) = impostor(10, b"SCRAM-SHA-256\0\0").await;
+        target.auth_methods = AuthMethods {
+            scram_sha_256: false,
+            md5: true,
+            password: false,
+            trust: false,
+        };
+        let err = connect(&target, LOGIN).await.unwrap_err().to_string();
+        assert!(err.contains("upstream asks for SCRAM-SHA-256"), "{err}");
+        assert!(
+            err.contains("(it lists md5); pgbastion sent no credential: add \"scram-sha-256\""),
+            "{err}"
+        );
+        assert_eq!(server.await.unwrap(), b"");
     }
 
     #[tokio::test]
