@@ -152,6 +152,17 @@ impl Harness {
     }
 
     /// A valid one-hour token for a harness user (with its group).
+    /// `pgbastion_pool_events_total` for `event`, from the admin listener's /metrics.
+    pub async fn pool_events(&self, event: &str) -> u64 {
+        let (_, metrics) = self.admin_get("/metrics").await;
+        let prefix = format!("pgbastion_pool_events_total{{event=\"{event}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|n| n.parse().unwrap())
+            .unwrap_or(0)
+    }
+
     pub fn token(&self, user: &str) -> String {
         self.issuer
             .sign(&self.claims(user, Duration::from_secs(3600)))

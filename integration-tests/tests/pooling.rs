@@ -48,16 +48,6 @@ async fn wait_idle(h: &Harness, role: &str, n: usize) {
     }
 }
 
-async fn pool_events(h: &Harness, event: &str) -> u64 {
-    let (_, metrics) = h.admin_get("/metrics").await;
-    let prefix = format!("pgbastion_pool_events_total{{event=\"{event}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|n| n.parse().unwrap())
-        .unwrap_or(0)
-}
-
 fn code(err: &tokio_postgres::Error) -> String {
     err.as_db_error()
         .map(|e| e.code().code().to_string())
@@ -124,7 +114,7 @@ async fn a_reused_connection_carries_nothing_from_one_identity_to_the_next() {
     let bob = h.connect("bob", &h.token("bob")).await.unwrap();
     assert_ne!(backend_pid(&bob).await, pid);
     assert_eq!(one(&bob, "SELECT current_user").await, "engineer");
-    assert!(pool_events(&h, "reused").await >= 1);
+    assert!(h.pool_events("reused").await >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +173,7 @@ async fn a_full_pool_makes_clients_wait_then_refuses_with_53300() {
         "{message}"
     );
     assert!(started.elapsed() >= Duration::from_millis(500));
-    assert_eq!(pool_events(&h, "exhausted").await, 1);
+    assert_eq!(h.pool_events("exhausted").await, 1);
 
     // A client waiting when a connection comes back gets it.
     let pid = backend_pid(&first).await;
@@ -256,7 +246,7 @@ async fn a_connection_killed_upstream_is_replaced() {
     let replacement = backend_pid(&again).await;
     assert_ne!(replacement, pid);
     assert_eq!(one(&again, "SELECT 1").await, "1");
-    assert_eq!(pool_events(&h, "closed_health_check").await, 1);
+    assert_eq!(h.pool_events("closed_health_check").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +265,7 @@ async fn a_session_that_ends_inside_a_transaction_does_not_return_its_connection
         .unwrap();
     drop(carol);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pool_events(&h, "closed_unclean_end").await == 0 {
+    while h.pool_events("closed_unclean_end").await == 0 {
         assert!(Instant::now() < deadline, "the connection was not closed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

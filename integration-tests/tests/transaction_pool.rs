@@ -282,3 +282,55 @@ async fn a_long_pipeline_with_large_binds_keeps_every_answer_in_place() {
         assert_eq!((length as usize, n as usize), (texts[i].len(), i));
     }
 }
+
+/// Applications with different names and time zones share a full pool of one: the
+/// connection is switched with SET, not replaced by a new login per transaction. A client
+/// whose parameters differ in something that is never switched (here search_path) still
+/// makes the idle connection close to make room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_adapts_names_and_time_zones_instead_of_logging_in_again() {
+    let h = transaction_harness(1).await;
+    let client = |app: &str, options: &str| {
+        let mut config = h.client_config("bob");
+        config.application_name(app).options(options);
+        let tls = h.tls();
+        async move {
+            let (client, connection) = config.connect(tls).await.unwrap();
+            tokio::spawn(connection);
+            client
+        }
+    };
+    let a = client("app_a", "-c TimeZone=UTC").await;
+    let b = client("app_b", "-c TimeZone=Asia/Tokyo").await;
+    let ask = "SELECT current_setting('application_name'), current_setting('TimeZone'), \
+               pg_backend_pid()::text";
+    let mut pids = BTreeSet::new();
+    for _ in 0..3 {
+        for (client, app, zone) in [(&a, "app_a", "UTC"), (&b, "app_b", "Asia/Tokyo")] {
+            let row = &text_rows(client, ask).await[0];
+            assert_eq!(row[0].as_deref(), Some(app));
+            assert_eq!(row[1].as_deref(), Some(zone));
+            pids.insert(row[2].clone().unwrap());
+        }
+    }
+    assert_eq!(pids.len(), 1, "one connection served both: {pids:?}");
+    assert!(h.pool_events("adapted").await >= 5);
+    assert_eq!(h.pool_events("opened").await, 1);
+    assert_eq!(h.pool_events("closed_to_make_room").await, 0);
+
+    // b pins its session with a SET of its own, then leaves: the reset returns the
+    // connection to its startup values, and a gets its own again.
+    b.simple_query("SET work_mem = '8MB'").await.unwrap();
+    drop(b);
+    let row = &text_rows(&a, ask).await[0];
+    assert_eq!(
+        (row[0].as_deref(), row[1].as_deref()),
+        (Some("app_a"), Some("UTC"))
+    );
+    assert_eq!(one(&a, "SHOW work_mem").await, "4MB");
+
+    let c = client("app_a", "-c TimeZone=UTC -c search_path=public").await;
+    assert_eq!(one(&c, "SHOW search_path").await, "public");
+    assert_eq!(h.pool_events("closed_to_make_room").await, 1);
+    let _ = a;
+}

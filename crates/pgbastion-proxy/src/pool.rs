@@ -6,7 +6,12 @@
 //! are exactly those it logged in with. Startup values are the session's defaults, which RESET
 //! and DISCARD ALL return to, so a reused connection behaves exactly like a fresh one, and in
 //! gateway mode one identity's connection never serves another. When the pool is full and no
-//! idle connection matches, the oldest idle one is closed to make room.
+//! idle connection matches, the oldest idle one is closed to make room, except under
+//! transaction pooling: there an idle connection whose parameters differ only in how results
+//! are formatted or labelled (`ADAPTABLE`: application_name, DateStyle, TimeZone, ...) is
+//! adapted with SET rather than replaced by a new login. Its startup values stay its defaults:
+//! a client's RESET of such a setting returns to them (and pins the session, as any SET does),
+//! and the reset at a session's end returns the whole connection to them.
 //!
 //! A connection goes back only after a clean end (the client sent Terminate with nothing in
 //! flight and no transaction open) and a successful reset (`pool.reset_query`, DISCARD ALL);
@@ -85,8 +90,11 @@ pub(crate) struct Lease {
     /// The upstream's BackendKeyData, for cancel requests.
     pub pid: i32,
     pub secret: i32,
-    /// The startup parameters it logged in with, sorted.
+    /// The startup parameters in effect, sorted: those it logged in with, or those it was
+    /// adapted to (see `ADAPTABLE`).
     parameters: Arc<Parameters>,
+    /// The startup parameters it logged in with, which a reset returns it to.
+    startup: Arc<Parameters>,
     /// ParameterStatus values as the server last reported them (before the client's own
     /// changes: a reset returns to them).
     /// Shared with the pool's `statuses` while equal to them, so that the comparison after
@@ -165,8 +173,50 @@ pub struct PoolStatus {
 
 enum Step {
     Reuse(Idle),
+    /// An idle connection to adapt to the client's parameters (see `ADAPTABLE`).
+    Adapt(Idle),
     Open(Slot),
     Wait,
+}
+
+/// Startup parameters that only format or label what a session sends: under transaction
+/// pooling a connection may be switched between values of these with SET. Anything that
+/// decides what a statement may do or how the proxy reads the client's bytes
+/// (client_encoding, search_path, timeouts, the read-only default, gateway identity) never is.
+const ADAPTABLE: &[&str] = &[
+    "application_name",
+    "datestyle",
+    "timezone",
+    "intervalstyle",
+    "extra_float_digits",
+    "bytea_output",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+];
+
+/// The SET statements that turn a connection with parameters `from` into one with `to`, if
+/// they differ only in values of `ADAPTABLE` parameters.
+fn adaptation(from: &Parameters, to: &Parameters) -> Option<String> {
+    if from.len() != to.len() {
+        return None;
+    }
+    let mut sql = String::new();
+    for ((name, have), (wanted_name, want)) in from.iter().zip(to.iter()) {
+        if name != wanted_name {
+            return None;
+        }
+        if have == want {
+            continue;
+        }
+        if !ADAPTABLE.iter().any(|a| name.eq_ignore_ascii_case(a)) {
+            return None;
+        }
+        // An escape string literal reads the same whatever standard_conforming_strings is.
+        let value = want.replace('\\', "\\\\").replace('\'', "''");
+        sql.push_str(&format!("SET {name} = E'{value}';"));
+    }
+    Some(sql)
 }
 
 impl Pools {
@@ -223,7 +273,7 @@ impl Pools {
         let started = Instant::now();
         let deadline = started + config.acquire_timeout;
         let next_step = || {
-            let (step, evicted) = pool.next_step(parameters, max_size, generation);
+            let (step, evicted) = pool.next_step(parameters, max_size, generation, transaction);
             if let Some(evicted) = evicted {
                 metrics.pool_event("closed_to_make_room");
                 tokio::spawn(terminate(evicted));
@@ -257,6 +307,45 @@ impl Pools {
                         Err(reason) => {
                             metrics.pool_event(reason);
                             close(idle.stream, idle.lease);
+                        }
+                    }
+                }
+                Step::Adapt(mut idle) => {
+                    let adapted =
+                        match usable(&mut idle, transaction, config, generation, settings).await {
+                            Ok(()) => adapt(&mut idle, parameters, settings).await,
+                            Err(reason) => Err(reason),
+                        };
+                    match adapted {
+                        Ok(()) => {
+                            metrics.pool_event("adapted");
+                            return Ok(Checkout {
+                                stream: idle.stream,
+                                lease: idle.lease,
+                                startup: BytesMut::new(),
+                                reused: true,
+                            });
+                        }
+                        Err(reason) => {
+                            // Its slot goes to a new login, as when a connection makes room.
+                            metrics.pool_event(reason);
+                            tokio::spawn(terminate(idle.stream));
+                            let (stream, lease, startup) = open(
+                                idle.lease.slot,
+                                settings,
+                                login,
+                                parameters.clone(),
+                                generation,
+                                metrics,
+                            )
+                            .await?;
+                            metrics.pool_event("opened");
+                            return Ok(Checkout {
+                                stream,
+                                lease,
+                                startup,
+                                reused: false,
+                            });
                         }
                     }
                 }
@@ -312,8 +401,10 @@ impl Pools {
             let reset = exchange(&mut stream, &mut lease, &config.reset_query);
             match tokio::time::timeout(settings.upstream.connect_timeout, reset).await {
                 Ok(Ok(())) => {
-                    // DISCARD ALL deallocated every prepared statement.
+                    // DISCARD ALL deallocated every prepared statement and returned every
+                    // setting, adapted ones too, to the startup values.
                     lease.statements.clear();
+                    lease.parameters = lease.startup.clone();
                     lease.slot.0.clone().put_idle(stream, lease)
                 }
                 failed => {
@@ -462,6 +553,7 @@ impl Pool {
         parameters: &Arc<Parameters>,
         max: usize,
         generation: u64,
+        transaction: bool,
     ) -> (Step, Option<UpstreamStream>) {
         let mut state = self.state.lock().expect("pool lock");
         state.latest = Some(parameters.clone());
@@ -473,6 +565,14 @@ impl Pool {
         if state.open < max {
             state.open += 1;
             return (Step::Open(Slot(self.clone())), None);
+        }
+        if transaction {
+            if let Some(i) = state.idle.iter().rposition(|idle| {
+                idle.lease.generation == generation
+                    && adaptation(&idle.lease.parameters, parameters).is_some()
+            }) {
+                return (Step::Adapt(state.idle.remove(i)), None);
+            }
         }
         if !state.idle.is_empty() {
             // Full, and no idle connection fits: the oldest makes room and hands its slot on.
@@ -588,6 +688,23 @@ async fn usable(
     Ok(())
 }
 
+/// Switches an idle connection's adaptable settings to the client's `parameters`.
+async fn adapt(
+    idle: &mut Idle,
+    parameters: &Arc<Parameters>,
+    settings: &Settings,
+) -> Result<(), &'static str> {
+    let sql = adaptation(&idle.lease.parameters, parameters).ok_or("closed_adapt_failed")?;
+    let set = exchange(&mut idle.stream, &mut idle.lease, &sql);
+    match tokio::time::timeout(settings.upstream.connect_timeout, set).await {
+        Ok(Ok(())) => {
+            idle.lease.parameters = parameters.clone();
+            Ok(())
+        }
+        _ => Err("closed_adapt_failed"),
+    }
+}
+
 /// Logs in a new connection for `slot`.
 async fn open(
     slot: Slot,
@@ -614,6 +731,7 @@ async fn open(
         slot,
         pid: connection.pid,
         secret: connection.secret,
+        startup: parameters.clone(),
         parameters,
         status: Arc::new(parameter_statuses(&connection.relay)),
         created: Instant::now(),
