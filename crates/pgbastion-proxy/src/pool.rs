@@ -132,6 +132,18 @@ pub(crate) struct Checkout {
 }
 
 impl Checkout {
+    /// An idle connection for a client. A new session's startup messages are built only
+    /// for one (`startup_messages`): under transaction pooling most checkouts serve a
+    /// transaction.
+    fn reused(idle: Idle) -> Checkout {
+        Checkout {
+            stream: idle.stream,
+            lease: idle.lease,
+            startup: BytesMut::new(),
+            reused: true,
+        }
+    }
+
     /// What a new client session receives after AuthenticationOk.
     pub fn startup_messages(&self) -> BytesMut {
         match self.reused {
@@ -290,23 +302,17 @@ impl Pools {
                 changed.as_mut().enable();
                 step = next_step();
             }
-            match step {
+            let slot = match step {
                 Step::Reuse(mut idle) => {
                     match usable(&mut idle, transaction, config, generation, settings).await {
                         Ok(()) => {
                             metrics.pool_event("reused");
-                            // A new session's startup messages, built only for one: under
-                            // transaction pooling most checkouts serve a transaction.
-                            return Ok(Checkout {
-                                stream: idle.stream,
-                                lease: idle.lease,
-                                startup: BytesMut::new(),
-                                reused: true,
-                            });
+                            return Ok(Checkout::reused(idle));
                         }
                         Err(reason) => {
                             metrics.pool_event(reason);
                             close(idle.stream, idle.lease);
+                            continue;
                         }
                     }
                 }
@@ -319,54 +325,17 @@ impl Pools {
                     match adapted {
                         Ok(()) => {
                             metrics.pool_event("adapted");
-                            return Ok(Checkout {
-                                stream: idle.stream,
-                                lease: idle.lease,
-                                startup: BytesMut::new(),
-                                reused: true,
-                            });
+                            return Ok(Checkout::reused(idle));
                         }
                         Err(reason) => {
                             // Its slot goes to a new login, as when a connection makes room.
                             metrics.pool_event(reason);
                             tokio::spawn(terminate(idle.stream));
-                            let (stream, lease, startup) = open(
-                                idle.lease.slot,
-                                settings,
-                                login,
-                                parameters.clone(),
-                                generation,
-                                metrics,
-                            )
-                            .await?;
-                            metrics.pool_event("opened");
-                            return Ok(Checkout {
-                                stream,
-                                lease,
-                                startup,
-                                reused: false,
-                            });
+                            idle.lease.slot
                         }
                     }
                 }
-                Step::Open(slot) => {
-                    let (stream, lease, startup) = open(
-                        slot,
-                        settings,
-                        login,
-                        parameters.clone(),
-                        generation,
-                        metrics,
-                    )
-                    .await?;
-                    metrics.pool_event("opened");
-                    return Ok(Checkout {
-                        stream,
-                        lease,
-                        startup,
-                        reused: false,
-                    });
-                }
+                Step::Open(slot) => slot,
                 Step::Wait => {
                     if tokio::time::timeout_at(deadline, changed).await.is_err() {
                         metrics.pool_event("exhausted");
@@ -375,8 +344,25 @@ impl Pools {
                             waited: started.elapsed(),
                         });
                     }
+                    continue;
                 }
-            }
+            };
+            let (stream, lease, startup) = open(
+                slot,
+                settings,
+                login,
+                parameters.clone(),
+                generation,
+                metrics,
+            )
+            .await?;
+            metrics.pool_event("opened");
+            return Ok(Checkout {
+                stream,
+                lease,
+                startup,
+                reused: false,
+            });
         }
     }
 
