@@ -151,7 +151,6 @@ impl Harness {
         (status, body)
     }
 
-    /// A valid one-hour token for a harness user (with its group).
     /// `pgbastion_pool_events_total` for `event`, from the admin listener's /metrics.
     pub async fn pool_events(&self, event: &str) -> u64 {
         let (_, metrics) = self.admin_get("/metrics").await;
@@ -163,6 +162,7 @@ impl Harness {
             .unwrap_or(0)
     }
 
+    /// A valid one-hour token for a harness user (with its group).
     pub fn token(&self, user: &str) -> String {
         self.issuer
             .sign(&self.claims(user, Duration::from_secs(3600)))

@@ -289,7 +289,13 @@ async fn a_long_pipeline_with_large_binds_keeps_every_answer_in_place() {
 /// makes the idle connection close to make room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_pool_adapts_names_and_time_zones_instead_of_logging_in_again() {
-    let h = transaction_harness(1).await;
+    let h = Harness::start_with(|c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.max_size = 1;
+        // b's session ends (and its connection is reset) while a waits for the connection.
+        c.pool.acquire_timeout = Duration::from_secs(10);
+    })
+    .await;
     let client = |app: &str, options: &str| {
         let mut config = h.client_config("bob");
         config.application_name(app).options(options);
@@ -300,13 +306,15 @@ async fn a_full_pool_adapts_names_and_time_zones_instead_of_logging_in_again() {
             client
         }
     };
+    // A name with a quote and a backslash stays a literal.
+    let b_name = r"app_b's \ name";
     let a = client("app_a", "-c TimeZone=UTC").await;
-    let b = client("app_b", "-c TimeZone=Asia/Tokyo").await;
+    let b = client(b_name, "-c TimeZone=Asia/Tokyo").await;
     let ask = "SELECT current_setting('application_name'), current_setting('TimeZone'), \
                pg_backend_pid()::text";
     let mut pids = BTreeSet::new();
     for _ in 0..3 {
-        for (client, app, zone) in [(&a, "app_a", "UTC"), (&b, "app_b", "Asia/Tokyo")] {
+        for (client, app, zone) in [(&a, "app_a", "UTC"), (&b, b_name, "Asia/Tokyo")] {
             let row = &text_rows(client, ask).await[0];
             assert_eq!(row[0].as_deref(), Some(app));
             assert_eq!(row[1].as_deref(), Some(zone));
@@ -319,18 +327,25 @@ async fn a_full_pool_adapts_names_and_time_zones_instead_of_logging_in_again() {
     assert_eq!(h.pool_events("closed_to_make_room").await, 0);
 
     // b pins its session with a SET of its own, then leaves: the reset returns the
-    // connection to its startup values, and a gets its own again.
+    // connection to its login values (a's), and the pool knows it: a client with b's
+    // parameters gets the connection adapted again, not as the reset left it.
     b.simple_query("SET work_mem = '8MB'").await.unwrap();
     drop(b);
+    let d = client(b_name, "-c TimeZone=Asia/Tokyo").await;
+    assert_eq!(one(&d, "SHOW work_mem").await, "4MB");
+    let row = &text_rows(&d, ask).await[0];
+    assert_eq!(
+        (row[0].as_deref(), row[1].as_deref()),
+        (Some(b_name), Some("Asia/Tokyo"))
+    );
     let row = &text_rows(&a, ask).await[0];
     assert_eq!(
         (row[0].as_deref(), row[1].as_deref()),
         (Some("app_a"), Some("UTC"))
     );
-    assert_eq!(one(&a, "SHOW work_mem").await, "4MB");
 
     let c = client("app_a", "-c TimeZone=UTC -c search_path=public").await;
     assert_eq!(one(&c, "SHOW search_path").await, "public");
     assert_eq!(h.pool_events("closed_to_make_room").await, 1);
-    let _ = a;
+    drop((a, d));
 }

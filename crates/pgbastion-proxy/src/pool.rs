@@ -3,15 +3,15 @@
 //!
 //! A connection is reused only by a client whose startup parameters (application_name,
 //! client_encoding, DateStyle, ..., the read-only default, and in gateway mode the identity)
-//! are exactly those it logged in with. Startup values are the session's defaults, which RESET
-//! and DISCARD ALL return to, so a reused connection behaves exactly like a fresh one, and in
-//! gateway mode one identity's connection never serves another. When the pool is full and no
-//! idle connection matches, the oldest idle one is closed to make room, except under
-//! transaction pooling: there an idle connection whose parameters differ only in how results
-//! are formatted or labelled (`ADAPTABLE`: application_name, DateStyle, TimeZone, ...) is
-//! adapted with SET rather than replaced by a new login. Its startup values stay its defaults:
-//! a client's RESET of such a setting returns to them (and pins the session, as any SET does),
-//! and the reset at a session's end returns the whole connection to them.
+//! are those it logged in with. Startup values are the session's defaults, which RESET and
+//! DISCARD ALL return to, so a reused connection behaves like a fresh one, and in gateway
+//! mode one identity's connection never serves another. When the pool is full and no idle
+//! connection matches, the oldest idle one is closed to make room, except under transaction
+//! pooling: there an idle connection whose parameters differ only in how results are
+//! labelled or formatted (`ADAPTABLE`: application_name, TimeZone, ...) is switched with SET
+//! rather than replaced by a new login. Its login values stay its defaults: a client's RESET
+//! of such a setting returns to them (and pins the session, as any SET does), pg_settings'
+//! reset_val shows them, and the reset at a session's end returns the connection to them.
 //!
 //! A connection goes back only after a clean end (the client sent Terminate with nothing in
 //! flight and no transaction open) and a successful reset (`pool.reset_query`, DISCARD ALL);
@@ -195,9 +195,10 @@ enum Step {
 /// pooling a connection may be switched between values of these with SET. Anything that
 /// decides what a statement may do or how the proxy reads the client's bytes
 /// (client_encoding, search_path, timeouts, the read-only default, gateway identity) never is.
+/// DateStyle is not among them: SET DateStyle keeps the connection's day/month order when
+/// the value names only a style, so the result would depend on the connection's past.
 const ADAPTABLE: &[&str] = &[
     "application_name",
-    "datestyle",
     "timezone",
     "intervalstyle",
     "extra_float_digits",
@@ -221,7 +222,9 @@ fn adaptation(from: &Parameters, to: &Parameters) -> Option<String> {
         if have == want {
             continue;
         }
-        if !ADAPTABLE.iter().any(|a| name.eq_ignore_ascii_case(a)) {
+        // Non-ASCII text would be read in the connection's client_encoding, which may not
+        // be the UTF-8 it was sent in.
+        if !ADAPTABLE.iter().any(|a| name.eq_ignore_ascii_case(a)) || !want.is_ascii() {
             return None;
         }
         // An escape string literal reads the same whatever standard_conforming_strings is.
@@ -824,6 +827,43 @@ async fn terminate(mut stream: UpstreamStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_format_settings_in_ascii_are_adapted_and_values_stay_literals() {
+        let params = |pairs: &[(&str, &str)]| -> Parameters {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        let from = params(&[("TimeZone", "UTC"), ("application_name", "a")]);
+        let to = params(&[("TimeZone", "UTC"), ("application_name", "o'k\\';x")]);
+        assert_eq!(
+            adaptation(&from, &to).as_deref(),
+            Some("SET application_name = E'o''k\\\\'';x';")
+        );
+        assert_eq!(adaptation(&from, &from).as_deref(), Some(""));
+        for to in [
+            params(&[("TimeZone", "UTC"), ("application_name", "é")]),
+            params(&[("TimeZone", "UTC")]),
+            params(&[("TimeZone", "UTC"), ("search_path", "a")]),
+        ] {
+            assert_eq!(adaptation(&from, &to), None, "{to:?}");
+        }
+        let from = params(&[("DateStyle", "ISO, MDY")]);
+        assert_eq!(adaptation(&from, &params(&[("DateStyle", "ISO")])), None);
+        for name in [
+            "client_encoding",
+            "search_path",
+            "default_transaction_read_only",
+        ] {
+            assert_eq!(
+                adaptation(&params(&[(name, "a")]), &params(&[(name, "b")])),
+                None,
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn parameter_statuses_are_read_from_the_login_messages() {
