@@ -2,7 +2,8 @@
 //!
 //! Owns: framing of client and upstream messages with size caps, the SQLSTATE constants,
 //! encoding of the messages pgbastion itself sends, TLS negotiation with clients (SSLRequest,
-//! GSSENCRequest, direct SSL) and logging in upstream (TLS, SCRAM, md5, cleartext).
+//! GSSENCRequest, direct SSL) and logging in upstream (TLS; SCRAM-SHA-256, and md5, cleartext
+//! or trust only where `upstream.auth_methods` lists them).
 //! Must not depend on any other pgbastion crate: it knows bytes, not identities or policies.
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol-message-formats.html>

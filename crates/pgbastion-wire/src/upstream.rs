@@ -1,5 +1,7 @@
 //! Logging in upstream as the mapped role: TCP, optional TLS, StartupMessage with the
-//! client's allowed parameters, then SCRAM-SHA-256, md5 or cleartext password authentication.
+//! client's allowed parameters, then the authentication `upstream.auth_methods` allows
+//! (SCRAM-SHA-256 by default, at least 4,096 iterations); any other method, or
+//! AuthenticationOk unasked without `trust`, ends the login before a credential is sent.
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>
 
 use crate::accept::has_pending_bytes;
