@@ -349,3 +349,33 @@ async fn a_full_pool_adapts_names_and_time_zones_instead_of_logging_in_again() {
     assert_eq!(h.pool_events("closed_to_make_room").await, 1);
     drop((a, d));
 }
+
+/// A value the server refuses when the pool switches a connection to it fails that client
+/// (with the server's error, as a login with it would) and costs the pool nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_switch_fails_the_client_and_keeps_the_connection() {
+    let h = Harness::start_with(|c| {
+        c.pool.mode = PoolMode::Transaction;
+        c.pool.max_size = 1;
+    })
+    .await;
+    let mut config = h.client_config("bob");
+    config.options("-c TimeZone=UTC");
+    let (a, connection) = config.connect(h.tls()).await.unwrap();
+    tokio::spawn(connection);
+    let pid = one(&a, "SELECT pg_backend_pid()::text").await;
+
+    let mut config = h.client_config("bob");
+    config.options("-c TimeZone=Mars/Olympus_Mons");
+    let Err(err) = config.connect(h.tls()).await else {
+        panic!("a time zone PostgreSQL does not know was accepted");
+    };
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(db.code().code(), "22023", "{db}");
+    assert!(db.message().contains("TimeZone"), "{db}");
+
+    assert_eq!(h.pool_events("adapt_refused").await, 1);
+    assert_eq!(h.pool_events("closed_adapt_failed").await, 0);
+    assert_eq!(one(&a, "SELECT pg_backend_pid()::text").await, pid);
+    assert_eq!(one(&a, "SHOW TimeZone").await, "UTC");
+}

@@ -324,14 +324,21 @@ impl Pools {
                     let adapted =
                         match usable(&mut idle, transaction, config, generation, settings).await {
                             Ok(()) => adapt(&mut idle, parameters, settings).await,
-                            Err(reason) => Err(reason),
+                            Err(reason) => Adapted::Failed(reason),
                         };
                     match adapted {
-                        Ok(()) => {
+                        Adapted::Done => {
                             metrics.pool_event("adapted");
                             return Ok(Checkout::reused(idle));
                         }
-                        Err(reason) => {
+                        Adapted::Refused(error) => {
+                            // The client gets the server's answer, as a login with its values
+                            // would have; the connection stays for others.
+                            metrics.pool_event("adapt_refused");
+                            pool.clone().put_idle(idle.stream, idle.lease);
+                            return Err(AcquireError::Upstream(error));
+                        }
+                        Adapted::Failed(reason) => {
                             // Its slot goes to a new login, as when a connection makes room.
                             metrics.pool_event(reason);
                             tokio::spawn(terminate(idle.stream));
@@ -678,20 +685,37 @@ async fn usable(
     Ok(())
 }
 
+/// How switching a connection's settings went.
+enum Adapted {
+    Done,
+    /// The server refused a value (a time zone it does not know, ...). The SETs ran as one
+    /// implicit transaction and were rolled back together: the connection is as it was.
+    Refused(UpstreamError),
+    /// The connection failed; it is to be closed, for this reason.
+    Failed(&'static str),
+}
+
 /// Switches an idle connection's adaptable settings to the client's `parameters`.
-async fn adapt(
-    idle: &mut Idle,
-    parameters: &Arc<Parameters>,
-    settings: &Settings,
-) -> Result<(), &'static str> {
-    let sql = adaptation(&idle.lease.parameters, parameters).ok_or("closed_adapt_failed")?;
+async fn adapt(idle: &mut Idle, parameters: &Arc<Parameters>, settings: &Settings) -> Adapted {
+    let Some(sql) = adaptation(&idle.lease.parameters, parameters) else {
+        return Adapted::Failed("closed_adapt_failed");
+    };
     let set = exchange(&mut idle.stream, &mut idle.lease, &sql);
     match tokio::time::timeout(settings.upstream.connect_timeout, set).await {
         Ok(Ok(())) => {
             idle.lease.parameters = parameters.clone();
-            Ok(())
+            Adapted::Done
         }
-        _ => Err("closed_adapt_failed"),
+        Ok(Err(ExchangeError::Refused {
+            sqlstate,
+            message,
+            response,
+        })) => Adapted::Refused(UpstreamError::Refused {
+            sqlstate,
+            message,
+            response,
+        }),
+        _ => Adapted::Failed("closed_adapt_failed"),
     }
 }
 
@@ -757,6 +781,21 @@ fn set_status(status: &mut Vec<(String, String)>, name: &str, value: &str) {
     }
 }
 
+/// How a query the pool runs itself failed.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    /// The server answered with an error and is idle again: the connection is intact.
+    #[error("{message}")]
+    Refused {
+        sqlstate: String,
+        message: String,
+        /// The ErrorResponse as sent.
+        response: BytesMut,
+    },
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
 /// Runs `sql` as a simple query and reads to ReadyForQuery; it must succeed and leave the
 /// connection idle. ParameterStatus reports on the way (a reset returning settings to their
 /// defaults) are remembered for the next client.
@@ -764,14 +803,14 @@ async fn exchange(
     stream: &mut UpstreamStream,
     lease: &mut Lease,
     sql: &str,
-) -> Result<(), WireError> {
+) -> Result<(), ExchangeError> {
     let mut out = BytesMut::new();
     let mut text = Vec::with_capacity(sql.len() + 1);
     text.extend_from_slice(sql.as_bytes());
     text.push(0);
     messages::raw(b'Q', &text, &mut out);
-    stream.write_all(&out).await?;
-    stream.flush().await?;
+    stream.write_all(&out).await.map_err(WireError::from)?;
+    stream.flush().await.map_err(WireError::from)?;
     let mut failed = None;
     loop {
         let (tag, body) = read_message(stream, "upstream message", MAX_MESSAGE).await?;
@@ -784,22 +823,29 @@ async fn exchange(
                     fields.cstr()?,
                 );
             }
-            b'E' => {
+            b'E' if failed.is_none() => {
                 let fields = messages::error_fields(&body).unwrap_or_default();
-                failed = Some(
-                    messages::error_field(&fields, b'M')
-                        .unwrap_or("an error")
-                        .to_string(),
-                );
+                let field = |code| {
+                    messages::error_field(&fields, code)
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let mut response = BytesMut::new();
+                messages::raw(b'E', &body, &mut response);
+                failed = Some(ExchangeError::Refused {
+                    sqlstate: field(b'C'),
+                    message: field(b'M'),
+                    response,
+                });
             }
             b'G' | b'H' | b'W' => {
-                return Err(WireError::protocol("the query started a COPY"));
+                return Err(WireError::protocol("the query started a COPY").into());
             }
             b'Z' => {
                 return match (failed, body.first()) {
-                    (Some(message), _) => Err(WireError::protocol(message)),
+                    (Some(refused), Some(b'I')) => Err(refused),
                     (None, Some(b'I')) => Ok(()),
-                    (None, _) => Err(WireError::protocol("the query left a transaction open")),
+                    (_, _) => Err(WireError::protocol("the query left a transaction open").into()),
                 };
             }
             // Results, notices, notifications: nothing the next client should see.
