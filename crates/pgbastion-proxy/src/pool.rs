@@ -812,8 +812,12 @@ async fn exchange(
     stream.write_all(&out).await.map_err(WireError::from)?;
     stream.flush().await.map_err(WireError::from)?;
     let mut failed = None;
+    // Buffered: an answer is a few small messages, read in one system call rather than two
+    // per message. The server sends nothing unasked after ReadyForQuery but notices and
+    // notifications; whatever arrived with it ends the connection rather than be lost.
+    let mut reader = tokio::io::BufReader::with_capacity(8192, &mut *stream);
     loop {
-        let (tag, body) = read_message(stream, "upstream message", MAX_MESSAGE).await?;
+        let (tag, body) = read_message(&mut reader, "upstream message", MAX_MESSAGE).await?;
         match tag {
             b'S' => {
                 let mut fields = Fields::new(&body);
@@ -842,6 +846,9 @@ async fn exchange(
                 return Err(WireError::protocol("the query started a COPY").into());
             }
             b'Z' => {
+                if !reader.buffer().is_empty() {
+                    return Err(WireError::protocol("the server sent more after the answer").into());
+                }
                 return match (failed, body.first()) {
                     (Some(refused), Some(b'I')) => Err(refused),
                     (None, Some(b'I')) => Ok(()),
