@@ -3,21 +3,22 @@
 //!
 //! A connection is reused only by a client whose startup parameters (application_name,
 //! client_encoding, DateStyle, ..., the read-only default, and in gateway mode the identity)
-//! equal those in effect on it: those it logged in with, or those it was adapted to (below). Startup values are the session's defaults, which RESET and
-//! DISCARD ALL return to, so a reused connection behaves like a fresh one, and in gateway
-//! mode one identity's connection never serves another. When the pool is full and no idle
-//! connection matches, the oldest idle one is closed to make room, except under transaction
-//! pooling: there an idle connection whose parameters differ only in how results are
-//! labelled or formatted (`ADAPTABLE`: application_name, TimeZone, ...) is switched with SET
-//! rather than replaced by a new login. Its login values stay its defaults: a client's RESET
-//! of such a setting returns to them (and pins the session, as any SET does), pg_settings'
-//! reset_val shows them, and the reset at a session's end returns the connection to them.
+//! equal those in effect on it: those it logged in with, or those it was adapted to (below).
+//! Startup values are the session's defaults, which RESET and DISCARD ALL return to, so a
+//! reused connection behaves like a fresh one, and in gateway mode one identity's connection
+//! never serves another. When the pool is full and no idle connection matches, the oldest
+//! idle one is closed to make room, except under transaction pooling: there an idle
+//! connection whose parameters differ only in how results are labelled or formatted
+//! (`ADAPTABLE`: application_name, TimeZone, ...) is switched with SET rather than replaced
+//! by a new login. Its login values stay its defaults: a client's RESET of such a setting
+//! returns to them (and pins the session, as any SET does), pg_settings' reset_val shows
+//! them, and the reset at a session's end returns the connection to them.
 //!
 //! A session's connection goes back only after a clean end (the client sent Terminate with
 //! nothing in flight and no transaction open) and a successful reset (`pool.reset_query`,
 //! DISCARD ALL); anything else closes it. Under transaction pooling a connection also goes
-//! back, as it is, after each transaction (`release`). Before reuse it must be quiet (open, no unread bytes) and, after
-//! `health_check_after` idle, answer an empty query.
+//! back, as it is, after each transaction (`release`). Before reuse it must be quiet (open,
+//! no unread bytes) and, after `health_check_after` idle, answer an empty query.
 
 use crate::listener::Shared;
 use crate::metrics::Metrics;
