@@ -185,21 +185,18 @@ allow = ["read", "session"]
                 &format!("host = \"{host}\"\ntls = \"{tls}\"\nauth_methods = {methods}"),
             )
         };
+        let refused = |text: &str| parse(text).unwrap_err().to_string();
         let config = parse(&with("127.0.0.1", "disable", r#"["md5", "password"]"#)).unwrap();
         assert_eq!(
             config.upstream.auth_methods,
             [UpstreamAuthMethod::Md5, UpstreamAuthMethod::Password]
         );
-        let shown = parse(&with("db.example.com", "disable", r#"["password"]"#))
-            .unwrap_err()
-            .to_string();
+        let shown = refused(&with("db.example.com", "disable", r#"["password"]"#));
         assert!(
             shown.contains("upstream.auth_methods: \"password\" would hand the roles' passwords"),
             "{shown}"
         );
-        let shown = parse(&with("db.example.com", "require", r#"["password"]"#))
-            .unwrap_err()
-            .to_string();
+        let shown = refused(&with("db.example.com", "require", r#"["password"]"#));
         assert!(
             shown.contains("to whoever poses as the upstream"),
             "{shown}"
@@ -207,16 +204,12 @@ allow = ["read", "session"]
         let verified = with("db.example.com", "verify-full", r#"["password"]"#)
             .replace("auth_methods", "ca_file = \"/etc/ca.pem\"\nauth_methods");
         parse(&verified).unwrap();
-        let shown = parse(&with("127.0.0.1", "disable", "[]"))
-            .unwrap_err()
-            .to_string();
+        let shown = refused(&with("127.0.0.1", "disable", "[]"));
         assert!(
             shown.contains("upstream.auth_methods: must list at least one"),
             "{shown}"
         );
-        let shown = parse(&with("127.0.0.1", "disable", r#"["kerberos"]"#))
-            .unwrap_err()
-            .to_string();
+        let shown = refused(&with("127.0.0.1", "disable", r#"["kerberos"]"#));
         assert!(shown.contains("unknown variant `kerberos`"), "{shown}");
         let config = parse(&with("127.0.0.1", "disable", r#"["trust"]"#)).unwrap();
         assert_eq!(config.upstream.auth_methods, [UpstreamAuthMethod::Trust]);

@@ -187,8 +187,8 @@ pub struct PoolStatus {
 
 enum Step {
     Reuse(Idle),
-    /// An idle connection to adapt to the client's parameters (see `ADAPTABLE`).
-    Adapt(Idle),
+    /// An idle connection to adapt to the client's parameters with `sql` (see `ADAPTABLE`).
+    Adapt(Idle, String),
     Open(Slot),
     Wait,
 }
@@ -321,10 +321,10 @@ impl Pools {
                         }
                     }
                 }
-                Step::Adapt(mut idle) => {
+                Step::Adapt(mut idle, sql) => {
                     let adapted =
                         match usable(&mut idle, transaction, config, generation, settings).await {
-                            Ok(()) => adapt(&mut idle, parameters, settings).await,
+                            Ok(()) => adapt(&mut idle, parameters, &sql, settings).await,
                             Err(reason) => Adapted::Failed(reason),
                         };
                     match adapted {
@@ -565,11 +565,14 @@ impl Pool {
             return (Step::Open(Slot(self.clone())), None);
         }
         if transaction {
-            if let Some(i) = state.idle.iter().rposition(|idle| {
-                idle.lease.generation == generation
-                    && adaptation(&idle.lease.parameters, parameters).is_some()
-            }) {
-                return (Step::Adapt(state.idle.remove(i)), None);
+            let adaptable = state.idle.iter().enumerate().rev().find_map(|(i, idle)| {
+                if idle.lease.generation != generation {
+                    return None;
+                }
+                adaptation(&idle.lease.parameters, parameters).map(|sql| (i, sql))
+            });
+            if let Some((i, sql)) = adaptable {
+                return (Step::Adapt(state.idle.remove(i), sql), None);
             }
         }
         if !state.idle.is_empty() {
@@ -696,26 +699,21 @@ enum Adapted {
     Failed(&'static str),
 }
 
-/// Switches an idle connection's adaptable settings to the client's `parameters`.
-async fn adapt(idle: &mut Idle, parameters: &Arc<Parameters>, settings: &Settings) -> Adapted {
-    let Some(sql) = adaptation(&idle.lease.parameters, parameters) else {
-        return Adapted::Failed("closed_adapt_failed");
-    };
-    let set = exchange(&mut idle.stream, &mut idle.lease, &sql);
+/// Switches an idle connection's adaptable settings to the client's `parameters` by running
+/// `sql` (from `adaptation`).
+async fn adapt(
+    idle: &mut Idle,
+    parameters: &Arc<Parameters>,
+    sql: &str,
+    settings: &Settings,
+) -> Adapted {
+    let set = exchange(&mut idle.stream, &mut idle.lease, sql);
     match tokio::time::timeout(settings.upstream.connect_timeout, set).await {
         Ok(Ok(())) => {
             idle.lease.parameters = parameters.clone();
             Adapted::Done
         }
-        Ok(Err(ExchangeError::Refused {
-            sqlstate,
-            message,
-            response,
-        })) => Adapted::Refused(UpstreamError::Refused {
-            sqlstate,
-            message,
-            response,
-        }),
+        Ok(Err(ExchangeError::Refused(error))) => Adapted::Refused(error),
         _ => Adapted::Failed("closed_adapt_failed"),
     }
 }
@@ -786,13 +784,8 @@ fn set_status(status: &mut Vec<(String, String)>, name: &str, value: &str) {
 #[derive(Debug, thiserror::Error)]
 enum ExchangeError {
     /// The server answered with an error and is idle again: the connection is intact.
-    #[error("{message}")]
-    Refused {
-        sqlstate: String,
-        message: String,
-        /// The ErrorResponse as sent.
-        response: BytesMut,
-    },
+    #[error(transparent)]
+    Refused(UpstreamError),
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -828,21 +821,7 @@ async fn exchange(
                     fields.cstr()?,
                 );
             }
-            b'E' if failed.is_none() => {
-                let fields = messages::error_fields(&body).unwrap_or_default();
-                let field = |code| {
-                    messages::error_field(&fields, code)
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                let mut response = BytesMut::new();
-                messages::raw(b'E', &body, &mut response);
-                failed = Some(ExchangeError::Refused {
-                    sqlstate: field(b'C'),
-                    message: field(b'M'),
-                    response,
-                });
-            }
+            b'E' if failed.is_none() => failed = Some(upstream::refused(&body)),
             b'G' | b'H' | b'W' => {
                 return Err(WireError::protocol("the query started a COPY").into());
             }
@@ -851,7 +830,7 @@ async fn exchange(
                     return Err(WireError::protocol("the server sent more after the answer").into());
                 }
                 return match (failed, body.first()) {
-                    (Some(refused), Some(b'I')) => Err(refused),
+                    (Some(refused), Some(b'I')) => Err(ExchangeError::Refused(refused)),
                     (None, Some(b'I')) => Ok(()),
                     (_, _) => Err(WireError::protocol("the query left a transaction open").into()),
                 };

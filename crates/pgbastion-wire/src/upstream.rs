@@ -109,8 +109,9 @@ pub enum UpstreamError {
     Timeout { address: String, timeout: Duration },
     #[error("TLS with upstream PostgreSQL failed: {0}")]
     Tls(String),
-    /// The upstream answered the login with an ErrorResponse.
-    #[error("upstream PostgreSQL refused the login: {message}")]
+    /// The upstream answered with an ErrorResponse (to the login, or to a query the pool
+    /// runs itself).
+    #[error("upstream PostgreSQL refused: {message}")]
     Refused {
         sqlstate: String,
         message: String,
@@ -380,7 +381,8 @@ async fn finish_startup(mut stream: UpstreamStream) -> Result<UpstreamConnection
     }
 }
 
-fn refused(body: &[u8]) -> UpstreamError {
+/// The error an ErrorResponse body from the upstream stands for.
+pub fn refused(body: &[u8]) -> UpstreamError {
     let fields = error_fields(body).unwrap_or_default();
     let mut response = BytesMut::new();
     raw(b'E', body, &mut response);
