@@ -5,7 +5,7 @@
 #   pgbouncer_tx  PgBouncer, transaction mode, pool of $TX_POOL, no TLS
 #   pgbastion     `pgbastion serve` with the demo's configuration: TLS verify-full, token
 #                 authentication, carol's policy, audit log to a file, session pools,
-#                 [runtime] worker_threads = $THREADS
+#                 [runtime] worker_threads = $THREADS, busy_poll = $BUSY_POLL
 #   pgbastion_tx  the same in transaction mode with a pool of $TX_POOL
 #   pgbastion_plain, pgbastion_plain_tx
 #                 the same two without TLS and without the audit log (token and policy
@@ -22,6 +22,7 @@
 #   TARGETS="direct pgbouncer pgbouncer_tx pgbastion pgbastion_tx pgbastion_plain pgbastion_plain_tx"
 #   TX_POOL=8   SCALE=10
 #   THREADS=1     pgbastion's worker threads (0: one per CPU)
+#   BUSY_POLL=100us  pgbastion's busy polling (only with THREADS=1; 0s: off)
 #   IDLE=5000     idle client sessions held on pgbastion_tx for the memory check (0: skip)
 #   SHARED_BENCH=../shared/bench   where start-pgbouncer.sh lives
 # Prints CSV lines (target,mode,protocol,clients,rep,tps,median_latency_us), then the ratios.
@@ -37,6 +38,7 @@ TARGETS=${TARGETS:-direct pgbouncer pgbouncer_tx pgbastion pgbastion_tx pgbastio
 TX_POOL=${TX_POOL:-8}
 SCALE=${SCALE:-10}
 THREADS=${THREADS:-1}
+if [ "$THREADS" = 1 ]; then BUSY_POLL=${BUSY_POLL:-100us}; else BUSY_POLL=${BUSY_POLL:-0s}; fi
 IDLE=${IDLE:-5000}
 
 command -v pgbench >/dev/null || { echo "pgbench not found (apt-get install postgresql-client)" >&2; exit 2; }
@@ -83,7 +85,8 @@ serve_variant() {
     sed -e "s/^address = \"127.0.0.1:$proxy_port\"/address = \"127.0.0.1:$port\"/" \
         -e "s|^path = .*|path = \"$work/audit-$name.log\"|" \
         -e "s/^mode = \"session\"/mode = \"$mode\"/" -e "s/^max_size = 100\$/max_size = $pool/" \
-        -e "s/^worker_threads = .*/worker_threads = $THREADS/" "$config_path" >"$work/$name.toml"
+        -e "s/^worker_threads = .*/worker_threads = $THREADS\nbusy_poll = \"$BUSY_POLL\"/" \
+        "$config_path" >"$work/$name.toml"
     # One admin listener is enough (the demo's).
     printf '\n' >>"$work/$name.toml"
     if [ -n "$plain" ]; then

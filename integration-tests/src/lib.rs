@@ -47,6 +47,67 @@ impl Drop for Harness {
     }
 }
 
+type Bound = (
+    pgbastion_proxy::Proxy,
+    SocketAddr,
+    SocketAddr,
+    pgbastion_proxy::ProxyHandle,
+);
+
+async fn bind(config: Config) -> Result<Bound> {
+    let proxy = pgbastion_proxy::Proxy::bind(config).await?;
+    let missing = proxy.wait_for_keys(Duration::from_secs(10)).await;
+    anyhow::ensure!(missing.is_empty(), "issuer keys not loaded: {missing:?}");
+    let addr = proxy.local_addr();
+    let admin = proxy.admin_addr().context("the admin listener")?;
+    let handle = proxy.handle();
+    Ok((proxy, addr, admin, handle))
+}
+
+/// `worker_threads = 1`: the proxy runs as `serve` runs it then, on a single-threaded runtime
+/// of its own thread (named `pgbastion-proxy`). The returned task ends when the thread does.
+async fn run_on_own_thread(
+    config: Config,
+    stopped: oneshot::Receiver<()>,
+) -> Result<(
+    SocketAddr,
+    SocketAddr,
+    pgbastion_proxy::ProxyHandle,
+    tokio::task::JoinHandle<()>,
+)> {
+    let (bound, bound_rx) = oneshot::channel();
+    let (done, done_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("pgbastion-proxy".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                match bind(config).await {
+                    Ok((proxy, addr, admin, handle)) => {
+                        let _ = bound.send(Ok((addr, admin, handle)));
+                        proxy
+                            .run(async {
+                                let _ = stopped.await;
+                            })
+                            .await;
+                    }
+                    Err(err) => {
+                        let _ = bound.send(Err(err));
+                    }
+                }
+            });
+            drop(done);
+        })?;
+    let (addr, admin, handle) = bound_rx.await.context("the proxy thread")??;
+    let running = tokio::spawn(async move {
+        let _ = done_rx.await;
+    });
+    Ok((addr, admin, handle, running))
+}
+
 impl Harness {
     pub async fn start() -> Harness {
         Self::start_with(|_| {}).await
@@ -67,16 +128,16 @@ impl Harness {
         config.issuers[0].jwks_min_refetch = Duration::ZERO;
         let cert_pem = std::fs::read_to_string(dir.path().join("server.crt"))?;
         tweak(&mut config);
-        let proxy = pgbastion_proxy::Proxy::bind(config.clone()).await?;
-        let missing = proxy.wait_for_keys(Duration::from_secs(10)).await;
-        anyhow::ensure!(missing.is_empty(), "issuer keys not loaded: {missing:?}");
-        let addr = proxy.local_addr();
-        let admin = proxy.admin_addr().context("the admin listener")?;
-        let handle = proxy.handle();
         let (stop, stopped) = oneshot::channel();
-        let running = tokio::spawn(proxy.run(async {
-            let _ = stopped.await;
-        }));
+        let (addr, admin, handle, running) = if config.runtime.worker_threads == 1 {
+            run_on_own_thread(config.clone(), stopped).await?
+        } else {
+            let (proxy, addr, admin, handle) = bind(config.clone()).await?;
+            let running = tokio::spawn(proxy.run(async {
+                let _ = stopped.await;
+            }));
+            (addr, admin, handle, running)
+        };
         Ok(Harness {
             cluster,
             issuer,

@@ -212,3 +212,75 @@ async fn a_function_call_message_is_refused_and_the_session_continues() {
     }
     assert_eq!(tags, b"TDCZ");
 }
+
+/// The `pgbastion_busy_poll_rounds_total` counter, from /metrics.
+async fn busy_poll_rounds(h: &Harness) -> u64 {
+    let (status, body) = h.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("pgbastion_busy_poll_rounds_total "))
+        .unwrap_or_else(|| panic!("no busy polling counter in\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+/// `[runtime] busy_poll` on the single-threaded runtime (as `serve` runs with worker_threads
+/// = 1): sessions relay as ever, other tasks (a cancel) still run, the thread polls while
+/// traffic flows and stops once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_relays_and_stops_with_the_traffic() {
+    let h = Harness::start_with(|c| {
+        c.runtime.worker_threads = 1;
+        c.runtime.busy_poll = Duration::from_micros(200);
+    })
+    .await;
+    let before = busy_poll_rounds(&h).await;
+    let client = h.connect("carol", &h.token("carol")).await.unwrap();
+    for i in 0..200i32 {
+        let row = client.query_one("SELECT $1::int + 1", &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+    }
+    let rows: Vec<String> = client
+        .simple_query("SELECT 1; SELECT 'two'")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, ["1", "two"]);
+    let cancel = client.cancel_token();
+    let query = tokio::spawn(async move {
+        let result = client.simple_query("SELECT pg_sleep(30)").await;
+        (client, result)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel_query(h.tls()).await.unwrap();
+    let (client, result) = query.await.unwrap();
+    assert_eq!(result.unwrap_err().code().unwrap().code(), "57014");
+    let polled = busy_poll_rounds(&h).await;
+    assert!(polled > before, "no polling while queries ran");
+
+    // Nothing forwarded: the thread sleeps rather than polls.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let idle = busy_poll_rounds(&h).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        busy_poll_rounds(&h).await,
+        idle,
+        "polling went on while idle"
+    );
+    // Traffic again: polling resumes (a loaded machine may run the poller only after a
+    // window has passed, so a few tries).
+    let mut resumed = false;
+    for _ in 0..50 {
+        client.simple_query("SELECT 1").await.unwrap();
+        if busy_poll_rounds(&h).await > idle {
+            resumed = true;
+            break;
+        }
+    }
+    assert!(resumed, "polling did not resume");
+}

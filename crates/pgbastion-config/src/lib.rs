@@ -225,6 +225,29 @@ allow = ["read", "session"]
     }
 
     #[test]
+    fn busy_polling_needs_one_thread_and_a_short_window() {
+        let with = |runtime: &str| MINIMAL.to_string() + "\n[runtime]\n" + runtime;
+        let config = parse(&with("worker_threads = 1\nbusy_poll = \"50us\"")).unwrap();
+        assert_eq!(
+            config.runtime.busy_poll,
+            std::time::Duration::from_micros(50)
+        );
+        assert!(parse(MINIMAL).unwrap().runtime.busy_poll.is_zero());
+        for (runtime, message) in [
+            ("busy_poll = \"50us\"", "needs runtime.worker_threads = 1"),
+            (
+                "worker_threads = 1\nbusy_poll = \"5ms\"",
+                "must be at most 1ms",
+            ),
+        ] {
+            let problems = parse(&with(runtime)).unwrap_err();
+            assert_eq!(problems.0.len(), 1, "{problems}");
+            assert_eq!(problems.0[0].path, "runtime.busy_poll");
+            assert!(problems.to_string().contains(message), "{problems}");
+        }
+    }
+
+    #[test]
     fn durations_are_written_the_human_way() {
         let text = MINIMAL.replace(
             "audiences = [\"pgbastion\"]",

@@ -130,6 +130,11 @@ pub struct Runtime {
     /// across threads), the right choice on a small host shared with PostgreSQL.
     #[serde(default)]
     pub worker_threads: usize,
+    /// After forwarding a message, keep polling the sockets this long before the thread
+    /// sleeps: the answer then needs no wake-up. Costs CPU while traffic flows; 0 (default)
+    /// turns it off. Needs `worker_threads = 1`; at most 1ms.
+    #[serde(default, with = "crate::duration")]
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

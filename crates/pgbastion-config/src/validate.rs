@@ -5,6 +5,7 @@ use crate::operations::AuditSink;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 /// Signature algorithms pgbastion can accept. `none` and HMAC are deliberately absent: a
 /// shared-secret token could be forged by anyone holding the secret.
@@ -73,6 +74,9 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     out.0
 }
 
+/// Polling longer than this after a forward burns more CPU than the wake-up it saves.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
+
 fn operations(config: &Config, out: &mut Collector) {
     let audit = &config.audit;
     if audit.sink == AuditSink::File && audit.path.is_none() {
@@ -89,6 +93,20 @@ fn operations(config: &Config, out: &mut Collector) {
     }
     if config.limits.max_client_connections == 0 {
         out.add("limits.max_client_connections", "must be at least 1");
+    }
+    let runtime = &config.runtime;
+    if !runtime.busy_poll.is_zero() && runtime.worker_threads != 1 {
+        out.add(
+            "runtime.busy_poll",
+            "needs runtime.worker_threads = 1: with more threads, the thread asleep in the I/O \
+             driver is not the one that would poll",
+        );
+    }
+    if runtime.busy_poll > MAX_BUSY_POLL {
+        out.add(
+            "runtime.busy_poll",
+            "must be at most 1ms: an answer that takes longer is worth the wake-up, not the CPU",
+        );
     }
     let pool = &config.pool;
     if pool.max_size == 0 {

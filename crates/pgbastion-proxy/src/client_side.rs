@@ -565,7 +565,9 @@ impl<'a> ClientToUpstream<'a> {
         match &mut self.upstream {
             Some(upstream) => {
                 upstream.write_all(bytes).await?;
-                upstream.flush().await
+                upstream.flush().await?;
+                self.shared.forwarded();
+                Ok(())
             }
             None => Err(std::io::ErrorKind::NotConnected.into()),
         }

@@ -7,6 +7,7 @@
 //! and the integration tests.
 
 mod admin;
+mod busy_poll;
 mod cancel;
 mod catalog;
 mod client_side;

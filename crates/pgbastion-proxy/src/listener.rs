@@ -2,6 +2,7 @@
 //! reloads the configuration and drains sessions at shutdown.
 
 use crate::admin;
+use crate::busy_poll::BusyPoll;
 use crate::cancel::CancelRegistry;
 use crate::catalog::Catalogs;
 use crate::decision_cache::DecisionCache;
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     pub pools: Pools,
     /// Set at the end of the drain: sessions still running end with 57P01.
     pub terminate: watch::Receiver<bool>,
+    /// `[runtime] busy_poll`, when on and the runtime is single-threaded.
+    busy_poll: Option<BusyPoll>,
 }
 
 impl Shared {
@@ -69,6 +72,14 @@ impl Shared {
             .await;
     }
 
+    /// A message was forwarded to the client or upstream: with busy polling on, the thread
+    /// polls for its answer a while before it sleeps.
+    pub fn forwarded(&self) {
+        if let Some(busy) = &self.busy_poll {
+            busy.forwarded();
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             audit_queue_depth: self.auditor.queue_depth(),
@@ -78,6 +89,7 @@ impl Shared {
             keys: self.verifier.key_status(),
             config_generation: self.generation(),
             pools: self.pools.status(),
+            busy_poll_rounds: self.busy_poll.as_ref().map(BusyPoll::rounds),
         }
     }
 }
@@ -139,6 +151,7 @@ impl Proxy {
         .map_err(ProxyError::Audit)?;
         let (terminate, terminated) = watch::channel(false);
         let limits = Limits::new(settings.config.limits.auth_attempts_per_minute);
+        let busy_poll = busy_poll(settings.config.runtime.busy_poll);
         Ok(Proxy {
             listener,
             admin,
@@ -156,6 +169,7 @@ impl Proxy {
                 limits,
                 pools: Pools::default(),
                 terminate: terminated,
+                busy_poll,
             }),
         })
     }
@@ -190,6 +204,14 @@ impl Proxy {
             .admin
             .map(|listener| tokio::spawn(admin::serve(listener, self.shared.clone())));
         let maintenance = tokio::spawn(maintain_pools(self.shared.clone()));
+        let polling = self.shared.busy_poll.is_some().then(|| {
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                if let Some(busy) = &shared.busy_poll {
+                    busy.run().await;
+                }
+            })
+        });
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -234,6 +256,9 @@ impl Proxy {
             admin.abort();
         }
         maintenance.abort();
+        if let Some(polling) = polling {
+            polling.abort();
+        }
         self.shared.pools.close_idle().await;
         if !self.shared.auditor.flush(Duration::from_secs(10)).await {
             tracing::error!("the audit log could not be written out before stopping");
@@ -323,6 +348,21 @@ impl ProxyHandle {
             ))
         }
     }
+}
+
+/// Busy polling, if configured and possible on this runtime (see `busy_poll`).
+fn busy_poll(window: Duration) -> Option<BusyPoll> {
+    if window.is_zero() {
+        return None;
+    }
+    let flavor = tokio::runtime::Handle::current().runtime_flavor();
+    if flavor != tokio::runtime::RuntimeFlavor::CurrentThread {
+        tracing::warn!(
+            "runtime.busy_poll is ignored: pgbastion is not running on a single-threaded runtime"
+        );
+        return None;
+    }
+    Some(BusyPoll::new(window))
 }
 
 /// Whether two configuration sections are equal (compared by their serialised form: the

@@ -117,6 +117,8 @@ pub struct Snapshot {
     pub keys: Vec<pgbastion_auth::KeyStatus>,
     pub config_generation: u64,
     pub pools: Vec<crate::pool::PoolStatus>,
+    /// Rounds of busy polling, when `[runtime] busy_poll` is on.
+    pub busy_poll_rounds: Option<u64>,
 }
 
 impl Metrics {
@@ -365,6 +367,15 @@ impl Metrics {
             "pgbastion_config_generation {}",
             snapshot.config_generation
         );
+        if let Some(rounds) = snapshot.busy_poll_rounds {
+            counter(
+                &mut out,
+                "pgbastion_busy_poll_rounds_total",
+                "Times the thread polled its sockets instead of sleeping ([runtime] busy_poll).",
+                "counter",
+            );
+            let _ = writeln!(out, "pgbastion_busy_poll_rounds_total {rounds}");
+        }
         out
     }
 }

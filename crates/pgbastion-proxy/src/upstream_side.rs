@@ -354,6 +354,7 @@ impl<'a> UpstreamToClient<'a> {
             buf.advance(ready);
         }
         self.client.flush().await?;
+        self.shared.forwarded();
         self.report_finished().await;
         if releasing {
             let mut ledger = self.ledger.lock().expect("ledger lock");
