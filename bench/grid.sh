@@ -85,8 +85,8 @@ serve_variant() {
     sed -e "s/^address = \"127.0.0.1:$proxy_port\"/address = \"127.0.0.1:$port\"/" \
         -e "s|^path = .*|path = \"$work/audit-$name.log\"|" \
         -e "s/^mode = \"session\"/mode = \"$mode\"/" -e "s/^max_size = 100\$/max_size = $pool/" \
-        -e "s/^worker_threads = .*/worker_threads = $THREADS\nbusy_poll = \"$BUSY_POLL\"/" \
-        "$config_path" >"$work/$name.toml"
+        -e "s/^worker_threads = .*/worker_threads = $THREADS/" \
+        -e "s/^busy_poll = .*/busy_poll = \"$BUSY_POLL\"/" "$config_path" >"$work/$name.toml"
     # One admin listener is enough (the demo's).
     printf '\n' >>"$work/$name.toml"
     if [ -n "$plain" ]; then

@@ -65,7 +65,8 @@ async fn bind(config: Config) -> Result<Bound> {
 }
 
 /// `worker_threads = 1`: the proxy runs as `serve` runs it then, on a single-threaded runtime
-/// of its own thread (named `pgbastion-proxy`). The returned task ends when the thread does.
+/// of its own thread (named `pgbastion-proxy`). The returned task ends when the thread has
+/// ended, and fails if the proxy panicked.
 async fn run_on_own_thread(
     config: Config,
     stopped: oneshot::Receiver<()>,
@@ -76,8 +77,7 @@ async fn run_on_own_thread(
     tokio::task::JoinHandle<()>,
 )> {
     let (bound, bound_rx) = oneshot::channel();
-    let (done, done_rx) = oneshot::channel::<()>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("pgbastion-proxy".into())
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -99,11 +99,12 @@ async fn run_on_own_thread(
                     }
                 }
             });
-            drop(done);
         })?;
     let (addr, admin, handle) = bound_rx.await.context("the proxy thread")??;
-    let running = tokio::spawn(async move {
-        let _ = done_rx.await;
+    let running = tokio::task::spawn_blocking(move || {
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
     });
     Ok((addr, admin, handle, running))
 }

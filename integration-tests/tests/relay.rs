@@ -225,13 +225,15 @@ async fn busy_poll_rounds(h: &Harness) -> u64 {
 }
 
 /// `[runtime] busy_poll` on the single-threaded runtime (as `serve` runs with worker_threads
-/// = 1): sessions relay as ever, other tasks (a cancel) still run, the thread polls while
-/// traffic flows and stops once it ends.
+/// = 1): sessions relay as ever; while one client keeps the thread polling, a cancel request
+/// (its own connection and task) still gets through; polling stops when the traffic does and
+/// resumes with it; the proxy shuts down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_polling_relays_and_stops_with_the_traffic() {
-    let h = Harness::start_with(|c| {
+    let mut h = Harness::start_with(|c| {
         c.runtime.worker_threads = 1;
         c.runtime.busy_poll = Duration::from_micros(200);
+        c.shutdown.drain_timeout = Duration::from_secs(2);
     })
     .await;
     let before = busy_poll_rounds(&h).await;
@@ -251,17 +253,36 @@ async fn busy_polling_relays_and_stops_with_the_traffic() {
         })
         .collect();
     assert_eq!(rows, ["1", "two"]);
+    assert!(
+        busy_poll_rounds(&h).await > before,
+        "no polling while queries ran"
+    );
+
+    // A second session runs queries back to back, so the thread keeps polling.
+    let busy = h.connect("carol", &h.token("carol")).await.unwrap();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let looping = tokio::spawn(async move {
+        let mut queries = 0u64;
+        while stopped.try_recv().is_err() {
+            busy.query_one("SELECT 1", &[]).await.unwrap();
+            queries += 1;
+        }
+        (busy, queries)
+    });
     let cancel = client.cancel_token();
+    let started = Instant::now();
     let query = tokio::spawn(async move {
         let result = client.simple_query("SELECT pg_sleep(30)").await;
         (client, result)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     cancel.cancel_query(h.tls()).await.unwrap();
     let (client, result) = query.await.unwrap();
     assert_eq!(result.unwrap_err().code().unwrap().code(), "57014");
-    let polled = busy_poll_rounds(&h).await;
-    assert!(polled > before, "no polling while queries ran");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    stop.send(()).unwrap();
+    let (busy, queries) = looping.await.unwrap();
+    assert!(queries > 10, "the looping session ran {queries} queries");
 
     // Nothing forwarded: the thread sleeps rather than polls.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -283,4 +304,9 @@ async fn busy_polling_relays_and_stops_with_the_traffic() {
         }
     }
     assert!(resumed, "polling did not resume");
+
+    drop((client, busy));
+    tokio::time::timeout(Duration::from_secs(20), h.shutdown())
+        .await
+        .expect("the proxy stops");
 }

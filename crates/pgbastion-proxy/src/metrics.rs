@@ -371,7 +371,7 @@ impl Metrics {
             counter(
                 &mut out,
                 "pgbastion_busy_poll_rounds_total",
-                "Times the thread polled its sockets instead of sleeping ([runtime] busy_poll).",
+                "Busy-poll rounds ([runtime] busy_poll); each polls the sockets once without sleeping.",
                 "counter",
             );
             let _ = writeln!(out, "pgbastion_busy_poll_rounds_total {rounds}");
