@@ -333,7 +333,7 @@ pub async fn text_rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+        .unwrap_or_else(|err| panic!("{sql}: {err:?}"))
         .into_iter()
         .filter_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(row) => Some(

@@ -292,3 +292,28 @@ async fn a_verified_token_is_remembered_only_while_it_and_its_key_are_valid() {
     let (code, _) = h.connect_error("alice", "demo", &long).await;
     assert_eq!(code, "28P01");
 }
+
+/// The kid of a token header is read before any signature is checked: a hostile one (control
+/// characters, tens of kilobytes) reaches the client's message escaped and cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_kid_is_escaped_and_cut_short_in_the_refusal() {
+    use base64::Engine;
+    let h = Harness::start().await;
+    let encode = |value: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+    };
+    let kid = format!("evil\r\nline{}", "k".repeat(30_000));
+    let header = serde_json::json!({"alg": "RS256", "typ": "at+jwt", "kid": kid});
+    let token = format!(
+        "{}.{}.c2lnbmF0dXJl",
+        encode(&header),
+        encode(&h.claims("alice", Duration::from_secs(3600)))
+    );
+    let (code, message) = h.connect_error("alice", "demo", &token).await;
+    assert_eq!(code, "28P01");
+    assert!(message.contains("evil\\r\\nline"), "{message}");
+    assert!(
+        !message.contains('\n') && message.len() < 1_000,
+        "{message}"
+    );
+}

@@ -379,3 +379,84 @@ async fn a_refused_switch_fails_the_client_and_keeps_the_connection() {
     assert_eq!(one(&a, "SELECT pg_backend_pid()::text").await, pid);
     assert_eq!(one(&a, "SHOW TimeZone").await, "UTC");
 }
+
+/// `lastval()` and `currval()` read what the upstream session last saw. At the start of a
+/// transaction on a shared connection that is another client's nextval(): refused (0A000,
+/// with what to do instead); inside the transaction or query that ran nextval() they work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earlier_sequence_values_are_refused_at_the_start_of_a_transaction() {
+    let h = transaction_harness(1).await;
+    h.cluster
+        .psql(
+            "demo",
+            "CREATE SEQUENCE ids; GRANT USAGE ON SEQUENCE ids TO engineer",
+        )
+        .unwrap();
+    let other = h.connect("bob", &h.token("bob")).await.unwrap();
+    let client = h.connect("bob", &h.token("bob")).await.unwrap();
+    // Another session's nextval() runs on the pool's one connection.
+    assert_eq!(one(&other, "SELECT nextval('ids')").await, "1");
+
+    for sql in [
+        "SELECT lastval()",
+        "SELECT currval('ids')",
+        "BEGIN; SELECT lastval()",
+    ] {
+        let err = client.simple_query(sql).await.unwrap_err();
+        let db = err.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "0A000", "{sql}: {db}");
+        assert!(db.message().contains("another client's"), "{db}");
+        assert!(db.hint().unwrap().contains("RETURNING"), "{db}");
+    }
+    let err = client.query_one("SELECT lastval()", &[]).await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "0A000", "{err}");
+
+    // The same query, or the same transaction, as the nextval(): the session's own value.
+    let rows = text_rows(&client, "SELECT nextval('ids'); SELECT lastval()").await;
+    assert_eq!(
+        rows,
+        [vec![Some("2".to_string())], vec![Some("2".to_string())]]
+    );
+    let rows = text_rows(&client, "SELECT nextval('ids') AS n, lastval()").await;
+    assert_eq!(rows, [vec![Some("3".to_string()), Some("3".to_string())]]);
+    let mut client = client;
+    let transaction = client.transaction().await.unwrap();
+    let next: i64 = transaction
+        .query_one("SELECT nextval('ids')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let last: i64 = transaction
+        .query_one("SELECT lastval()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((next, last), (4, 4));
+    transaction.commit().await.unwrap();
+    // Neither the refusals nor the calls pinned the session: the other session still gets
+    // the pool's one connection.
+    assert_eq!(one(&other, "SELECT nextval('ids')").await, "5");
+}
+
+/// DISCARD ALL (or DEALLOCATE ALL) drops the connection's prepared statements: a statement
+/// prepared again afterwards is prepared upstream again, not taken as still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_again_after_discard_all_run() {
+    let h = transaction_harness(2).await;
+    let client = h.connect("carol", &h.token("carol")).await.unwrap();
+    for reset in ["DISCARD ALL", "DEALLOCATE ALL"] {
+        let statement = client.prepare("SELECT $1::int4 + 1").await.unwrap();
+        let row = client.query_one(&statement, &[&1i32]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 2);
+        drop(statement);
+        client.batch_execute(reset).await.unwrap();
+        let statement = client.prepare("SELECT $1::int4 + 1").await.unwrap();
+        let row = client
+            .query_one(&statement, &[&2i32])
+            .await
+            .unwrap_or_else(|err| {
+                panic!("after {reset}: {err:?}");
+            });
+        assert_eq!(row.get::<_, i32>(0), 3);
+    }
+}

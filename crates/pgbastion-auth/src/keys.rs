@@ -153,7 +153,8 @@ impl IssuerKeys {
             });
         }
         Err(AuthError::UnknownKey {
-            kid: kid.unwrap_or("(none)").to_string(),
+            // The kid comes from an unverified token header.
+            kid: crate::verify::printable(kid.unwrap_or("(none)")),
             issuer: self.config.issuer.clone(),
             note,
         })

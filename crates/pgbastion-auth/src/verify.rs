@@ -380,7 +380,7 @@ fn check_scopes(claims: &Value, config: &Issuer) -> Result<(), AuthError> {
 }
 
 /// Client-supplied text in an error message: control characters escaped, length capped.
-fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     let mut out: String = text
         .chars()
         .take(200)

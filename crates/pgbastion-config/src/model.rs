@@ -75,7 +75,8 @@ pub struct Tls {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Client {
-    /// Time from accepting the connection to a verified token.
+    /// Time from accepting the connection to receiving the password (the token); verifying
+    /// it is then bounded by the key fetch's HTTP timeouts.
     #[serde(default = "defaults::auth_timeout", with = "crate::duration")]
     pub auth_timeout: Duration,
     /// Largest PasswordMessage (the token). Cloud tokens reach about 7 KB.

@@ -42,6 +42,10 @@ pub struct Effects {
     /// table, a prepared statement or cursor, LISTEN, a session advisory lock, anything not
     /// analysed): a transaction pool then keeps the session on its connection.
     pub session_state: bool,
+    /// The request reads the sequence values its session last saw (`currval`, `lastval`)
+    /// before anything in it could have set them (a write, `nextval`, `setval`): under
+    /// transaction pooling, at the start of a transaction, those are another client's.
+    pub reads_earlier_sequence_values: bool,
 }
 
 /// A statement's use of a prepared statement, by normalised name.
@@ -234,6 +238,7 @@ fn decide_request(
         relations.extend(statement.reads.iter().chain(&statement.writes));
     }
     effects.session_state = statements.iter().any(leaves_session_state);
+    effects.reads_earlier_sequence_values = reads_earlier_sequence_values(&statements);
     effects.classes = classes.into_iter().collect();
     effects.relations = relations.into_iter().map(|r| r.to_string()).collect();
     for statement in &statements {
@@ -272,7 +277,8 @@ fn decide_request(
 }
 
 /// Functions whose effect outlives the transaction: settings, session advisory locks, the
-/// random seed, remote connections, the sequence values a session last saw.
+/// random seed, remote connections. (`currval` and `lastval` read state rather than leave
+/// it: see `reads_earlier_sequence_values`.)
 const SESSION_FUNCTIONS: &[&str] = &[
     "set_config",
     "pg_advisory_lock",
@@ -283,8 +289,6 @@ const SESSION_FUNCTIONS: &[&str] = &[
     "pg_advisory_unlock_shared",
     "pg_advisory_unlock_all",
     "setseed",
-    "currval",
-    "lastval",
     "dblink_connect",
     "dblink_connect_u",
     "dblink_open",
@@ -303,6 +307,26 @@ fn leaves_session_state(info: &StatementInfo) -> bool {
         .calls
         .iter()
         .any(|call| SESSION_FUNCTIONS.contains(&call.name.name.as_str()))
+}
+
+/// Whether a statement calling `currval` or `lastval` comes before any that could call
+/// `nextval` or `setval` (a write, through a column default, or the functions themselves).
+/// One statement that does both is taken to set before it reads.
+fn reads_earlier_sequence_values(statements: &[StatementInfo]) -> bool {
+    let calls = |info: &StatementInfo, names: &[&str]| {
+        info.calls
+            .iter()
+            .any(|call| names.contains(&call.name.name.as_str()))
+    };
+    for info in statements {
+        if info.classes.contains(&StatementClass::Write) || calls(info, &["nextval", "setval"]) {
+            return false;
+        }
+        if calls(info, &["currval", "lastval"]) {
+            return true;
+        }
+    }
+    false
 }
 
 const WRITING: &[StatementClass] = &[

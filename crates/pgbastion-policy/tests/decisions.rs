@@ -864,3 +864,40 @@ fn statements_that_may_leave_session_state_are_told_apart() {
         assert!(leaves(sql), "{sql} may leave session state");
     }
 }
+
+#[test]
+fn reading_sequence_values_before_setting_them_is_told_apart() {
+    let admins = admins();
+    let search_path = vec!["public".to_string()];
+    let principal = Principal {
+        user: "someone",
+        role: "someone",
+        policy: &admins,
+        search_path: &search_path,
+        catalog: None,
+    };
+    let reads_earlier = |sql: &str| {
+        let (decision, effects) = decide_with_effects(&principal, &Request::Query(sql));
+        assert_eq!(decision, Decision::Allow, "{sql}");
+        assert!(!effects.session_state, "{sql} pins nothing");
+        effects.reads_earlier_sequence_values
+    };
+    for sql in [
+        "SELECT lastval()",
+        "SELECT currval('ids')",
+        "SELECT pg_catalog.lastval()",
+        "BEGIN; SELECT lastval()",
+        "SELECT 1; SELECT currval('ids')",
+    ] {
+        assert!(reads_earlier(sql), "{sql} reads values it did not set");
+    }
+    for sql in [
+        "SELECT 1",
+        "SELECT nextval('ids'), lastval()",
+        "SELECT nextval('ids'); SELECT lastval()",
+        "INSERT INTO orders (amount) VALUES (1); SELECT lastval()",
+        "SELECT setval('ids', 10); SELECT currval('ids')",
+    ] {
+        assert!(!reads_earlier(sql), "{sql} sets before it reads");
+    }
+}

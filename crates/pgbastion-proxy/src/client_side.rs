@@ -99,6 +99,8 @@ pub(crate) struct ClientToUpstream<'a> {
     /// then would be skipped upstream after an error and never answered, which would put the
     /// count of ReadyForQuery messages out of step: such a session is ended instead.
     unsynced: bool,
+    /// The message being handled is the first since the last Sync (or a Query).
+    first_in_group: bool,
     /// Bytes read from the client.
     pub bytes: u64,
 }
@@ -155,6 +157,7 @@ impl<'a> ClientToUpstream<'a> {
             passthrough: 0,
             skipping: false,
             unsynced: false,
+            first_in_group: true,
             bytes: 0,
         }
     }
@@ -247,6 +250,7 @@ impl<'a> ClientToUpstream<'a> {
                 Ok(None) => break,
                 Err(err) => return Ok(Some(Ended::Refused(Refusal::from(err)))),
             };
+            self.first_in_group = !self.unsynced;
             let available = buf.len() - ready;
             // Transaction pooling between transactions: a connection is taken once a message
             // is whole (or a large one starts streaming), never for a part of one, which
@@ -668,6 +672,17 @@ impl<'a> ClientToUpstream<'a> {
         result
     }
 
+    /// Under transaction pooling, whether the request being decided starts a transaction on
+    /// a connection the session may not have had before: the session is not pinned, nothing
+    /// is in flight or open, and nothing precedes the message in its pipeline.
+    fn starts_transaction(&self) -> bool {
+        if !self.transaction_pool || !self.first_in_group {
+            return false;
+        }
+        let ledger = self.ledger.lock().expect("ledger lock");
+        ledger.releasing && ledger.sent == ledger.ready && ledger.status == b'I'
+    }
+
     async fn decide_inner(&mut self, tag: u8, body: &[u8]) -> Result<(), Report> {
         self.refresh_policy()?;
         if tag != b'P' {
@@ -707,6 +722,9 @@ impl<'a> ClientToUpstream<'a> {
         let (decision, effects) = &*verdict;
         if let Decision::Deny(denial) = decision {
             return Err(denial_report(denial.clone()));
+        }
+        if effects.reads_earlier_sequence_values && self.starts_transaction() {
+            return Err(earlier_sequence_values());
         }
         for schema in &effects.search_path {
             self.widen_search_path(schema.clone());
@@ -770,6 +788,7 @@ impl<'a> ClientToUpstream<'a> {
             relations: verdict.1.relations.clone(),
             policy: self.policy.name.as_str().into(),
             policy_version: self.policy.version.as_str().into(),
+            reads_earlier_sequence_values: verdict.1.reads_earlier_sequence_values,
         })
     }
 
@@ -783,6 +802,7 @@ impl<'a> ClientToUpstream<'a> {
             relations: Arc::new([]),
             policy: self.policy.name.as_str().into(),
             policy_version: self.policy.version.as_str().into(),
+            reads_earlier_sequence_values: false,
         })
     }
 
@@ -991,6 +1011,13 @@ impl<'a> ClientToUpstream<'a> {
         self.take_rate()?;
         let catalog = self.current_catalog(None).await?;
         let about = self.redecide(name, catalog.as_deref())?;
+        if about
+            .as_ref()
+            .is_some_and(|a| a.reads_earlier_sequence_values)
+            && self.starts_transaction()
+        {
+            return Err(earlier_sequence_values());
+        }
         match portal {
             "" => self.unnamed_portal = about,
             named => {
@@ -1296,4 +1323,21 @@ fn catalog_unavailable(error: String) -> Report {
     )
     .detail("rule: catalog_unavailable")
     .hint("try again shortly; if it persists, tell the pgbastion operator")
+}
+
+/// The refusal of `currval`/`lastval` at the start of a transaction under transaction
+/// pooling: the values the upstream session last saw are whichever client's ran there.
+fn earlier_sequence_values() -> Report {
+    Report::new(
+        Severity::Error,
+        codes::FEATURE_NOT_SUPPORTED,
+        "currval() and lastval() at the start of a transaction would read another client's \
+         sequence values: this session is transaction-pooled, so its earlier nextval() may \
+         have run on another connection",
+    )
+    .detail("rule: transaction_pooling")
+    .hint(
+        "use INSERT ... RETURNING, or call it in the same transaction (or the same query) as \
+         the nextval() it reads; or use session pooling for this role",
+    )
 }

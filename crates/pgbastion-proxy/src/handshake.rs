@@ -22,9 +22,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// PostgreSQL's own cap on startup packets (MAX_STARTUP_PACKET_LENGTH).
 const MAX_STARTUP_PACKET: usize = 10_000;
+/// How long a connection over `max_client_connections` may take to send its startup packet
+/// (to be refused with 53300): it holds a socket and a task, uncounted, meanwhile.
+const OVER_LIMIT_STARTUP: std::time::Duration = std::time::Duration::from_secs(2);
 
 type Refused = (Option<ClientStream>, Refusal);
 
@@ -127,12 +131,18 @@ async fn handshake(
     // Read before the settings: a reload in between is then picked up by the session.
     let generation = shared.generation();
     let settings = shared.settings();
-    let deadline = settings.config.client.auth_timeout;
+    // One deadline from accept to the password: a client trickling bytes holds its place for
+    // auth_timeout at most. A connection over the limit only gets long enough to be told so.
+    let deadline = Instant::now() + settings.config.client.auth_timeout;
+    let accept_deadline = match &slot {
+        Ok(_) => deadline,
+        Err(_) => deadline.min(Instant::now() + OVER_LIMIT_STARTUP),
+    };
     let accept_settings = AcceptSettings {
         tls: settings.client_tls.clone(),
         max_startup_packet: MAX_STARTUP_PACKET,
     };
-    let first = tokio::time::timeout(deadline, accept(tcp, &accept_settings))
+    let first = tokio::time::timeout_at(accept_deadline, accept(tcp, &accept_settings))
         .await
         .map_err(|_| {
             (
@@ -197,7 +207,7 @@ async fn handshake(
     let mut out = BytesMut::new();
     negotiate_version(&startup, &mut out);
     messages::auth_cleartext_password(&mut out);
-    let token = match tokio::time::timeout(
+    let token = match tokio::time::timeout_at(
         deadline,
         request_password(&mut stream, &out, settings.config.client.max_password_bytes),
     )

@@ -798,6 +798,8 @@ async fn exchange(
     lease: &mut Lease,
     sql: &str,
 ) -> Result<(), ExchangeError> {
+    // A simple query destroys the unnamed statement.
+    lease.statements.lose_unnamed();
     let mut out = BytesMut::new();
     let mut text = Vec::with_capacity(sql.len() + 1);
     text.extend_from_slice(sql.as_bytes());

@@ -291,6 +291,11 @@ impl<'a> UpstreamToClient<'a> {
                 b'C' => {
                     let mut ledger = self.ledger.lock().expect("ledger lock");
                     let group = ledger.ready;
+                    if matches!(body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") {
+                        // The connection's prepared statements are gone, the proxy's too:
+                        // they are prepared again when next bound.
+                        ledger.connection.clear();
+                    }
                     ledger
                         .executions
                         .command_complete(group, body, &mut self.finished);

@@ -43,10 +43,24 @@ pub async fn read_message<R: AsyncRead + Unpin>(
             limit: max_body,
         });
     }
-    let mut body = BytesMut::zeroed(body_len);
-    read_exact_or_closed(reader, &mut body).await?;
+    // Grown as the bytes arrive: a length the client only declares costs no memory.
+    let mut body = BytesMut::new();
+    while body.len() < body_len {
+        let missing = body_len - body.len();
+        body.reserve(missing.min(READ_CHUNK));
+        let read = (&mut *reader)
+            .take(missing as u64)
+            .read_buf(&mut body)
+            .await?;
+        if read == 0 {
+            return Err(WireError::Closed);
+        }
+    }
     Ok((tag, body))
 }
+
+/// How much more room `read_message` makes for a body at a time.
+const READ_CHUNK: usize = 8 * 1024;
 
 pub async fn read_exact_or_closed<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -117,6 +131,37 @@ impl<'a> Fields<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_body_arriving_in_pieces_is_read_whole_and_a_short_one_is_closed() {
+        use tokio::io::AsyncWriteExt;
+        let body: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let sent = body.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(b"p").await.unwrap();
+            client
+                .write_all(&(sent.len() as u32 + 4).to_be_bytes())
+                .await
+                .unwrap();
+            for piece in sent.chunks(3_000) {
+                client.write_all(piece).await.unwrap();
+            }
+            client
+        });
+        let (tag, read) = read_message(&mut server, "password", 65_536).await.unwrap();
+        assert_eq!((tag, &read[..]), (b'p', &body[..]));
+        // A length declared and not sent: the connection closes before the body is complete.
+        let mut client = writer.await.unwrap();
+        client.write_all(b"p").await.unwrap();
+        client.write_all(&60_004u32.to_be_bytes()).await.unwrap();
+        client.write_all(&[1; 100]).await.unwrap();
+        drop(client);
+        assert!(matches!(
+            read_message(&mut server, "password", 65_536).await,
+            Err(WireError::Closed)
+        ));
+    }
 
     #[test]
     fn a_header_gives_tag_and_total_size() {
