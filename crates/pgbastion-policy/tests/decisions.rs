@@ -2,7 +2,8 @@
 
 use pgbastion_config::Policy;
 use pgbastion_policy::{
-    decide, decide_with_effects, Catalog, CompiledPolicy, Decision, Fact, Principal, Request,
+    decide, decide_with_effects, Catalog, CompiledPolicy, Decision, Effects, Fact, Principal,
+    Request,
 };
 
 fn policy(name: &str, toml_text: &str) -> CompiledPolicy {
@@ -818,8 +819,8 @@ fn merge_without_a_real_condition_notify_by_function_and_created_tables_are_deci
     );
 }
 
-#[test]
-fn statements_that_may_leave_session_state_are_told_apart() {
+/// The effects of a Query that the admins' policy allows.
+fn admin_effects(sql: &str) -> Effects {
     let admins = admins();
     let search_path = vec!["public".to_string()];
     let principal = Principal {
@@ -829,11 +830,14 @@ fn statements_that_may_leave_session_state_are_told_apart() {
         search_path: &search_path,
         catalog: None,
     };
-    let leaves = |sql: &str| {
-        let (decision, effects) = decide_with_effects(&principal, &Request::Query(sql));
-        assert_eq!(decision, Decision::Allow, "{sql}");
-        effects.session_state
-    };
+    let (decision, effects) = decide_with_effects(&principal, &Request::Query(sql));
+    assert_eq!(decision, Decision::Allow, "{sql}");
+    effects
+}
+
+#[test]
+fn statements_that_may_leave_session_state_are_told_apart() {
+    let leaves = |sql: &str| admin_effects(sql).session_state;
     for sql in [
         "SELECT 1",
         "SELECT * FROM orders WHERE id = 1",
@@ -867,18 +871,8 @@ fn statements_that_may_leave_session_state_are_told_apart() {
 
 #[test]
 fn reading_sequence_values_before_setting_them_is_told_apart() {
-    let admins = admins();
-    let search_path = vec!["public".to_string()];
-    let principal = Principal {
-        user: "someone",
-        role: "someone",
-        policy: &admins,
-        search_path: &search_path,
-        catalog: None,
-    };
     let reads_earlier = |sql: &str| {
-        let (decision, effects) = decide_with_effects(&principal, &Request::Query(sql));
-        assert_eq!(decision, Decision::Allow, "{sql}");
+        let effects = admin_effects(sql);
         assert!(!effects.session_state, "{sql} pins nothing");
         effects.reads_earlier_sequence_values
     };
