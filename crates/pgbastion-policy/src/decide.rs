@@ -46,6 +46,9 @@ pub struct Effects {
     /// before anything in it could have set them (a write, `nextval`, `setval`): under
     /// transaction pooling, at the start of a transaction, those are another client's.
     pub reads_earlier_sequence_values: bool,
+    /// The request may set sequence values (a write, through a column default; `nextval`,
+    /// `setval`).
+    pub sets_sequence_values: bool,
 }
 
 /// A statement's use of a prepared statement, by normalised name.
@@ -239,6 +242,7 @@ fn decide_request(
     }
     effects.session_state = statements.iter().any(leaves_session_state);
     effects.reads_earlier_sequence_values = reads_earlier_sequence_values(&statements);
+    effects.sets_sequence_values = statements.iter().any(sets_sequence_values);
     effects.classes = classes.into_iter().collect();
     effects.relations = relations.into_iter().map(|r| r.to_string()).collect();
     for statement in &statements {
@@ -313,13 +317,8 @@ fn leaves_session_state(info: &StatementInfo) -> bool {
 /// `nextval` or `setval` (a write, through a column default, or the functions themselves).
 /// One statement that does both is taken to set before it reads.
 fn reads_earlier_sequence_values(statements: &[StatementInfo]) -> bool {
-    let calls = |info: &StatementInfo, names: &[&str]| {
-        info.calls
-            .iter()
-            .any(|call| names.contains(&call.name.name.as_str()))
-    };
     for info in statements {
-        if info.classes.contains(&StatementClass::Write) || calls(info, &["nextval", "setval"]) {
+        if sets_sequence_values(info) {
             return false;
         }
         if calls(info, &["currval", "lastval"]) {
@@ -327,6 +326,16 @@ fn reads_earlier_sequence_values(statements: &[StatementInfo]) -> bool {
         }
     }
     false
+}
+
+fn sets_sequence_values(info: &StatementInfo) -> bool {
+    info.classes.contains(&StatementClass::Write) || calls(info, &["nextval", "setval"])
+}
+
+fn calls(info: &StatementInfo, names: &[&str]) -> bool {
+    info.calls
+        .iter()
+        .any(|call| names.contains(&call.name.name.as_str()))
 }
 
 const WRITING: &[StatementClass] = &[

@@ -894,4 +894,14 @@ fn reading_sequence_values_before_setting_them_is_told_apart() {
     ] {
         assert!(!reads_earlier(sql), "{sql} sets before it reads");
     }
+    for (sql, sets) in [
+        ("SELECT 1", false),
+        ("SELECT lastval()", false),
+        ("SELECT nextval('ids')", true),
+        ("SELECT pg_catalog.setval('ids', 3)", true),
+        ("INSERT INTO orders (amount) VALUES (1)", true),
+        ("UPDATE orders SET amount = 2 WHERE id = 1", true),
+    ] {
+        assert_eq!(admin_effects(sql).sets_sequence_values, sets, "{sql}");
+    }
 }

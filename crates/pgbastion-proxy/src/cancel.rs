@@ -2,6 +2,7 @@
 //! on a new, unauthenticated connection) is matched in constant time and forwarded to the
 //! upstream connection it stands for. A wrong key does nothing and reveals nothing.
 
+use pgbastion_wire::upstream::UpstreamTarget;
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,8 +23,13 @@ struct Route {
     /// The upstream connection the session is using; None between transactions of a
     /// transaction pool (nothing runs, so there is nothing to cancel).
     upstream: Mutex<Option<(i32, i32)>>,
-    /// Cancel requests being forwarded for this session right now; raised under the
-    /// `upstream` lock, so a request seen before `set_upstream` returns is counted here.
+    /// Where the session's connections are: a reload that moves the upstream leaves running
+    /// sessions, and their cancels, where they are.
+    target: Arc<UpstreamTarget>,
+    /// Cancel requests being forwarded for this session right now (at most one: another
+    /// would only cancel the same statement again, at the cost of another upstream
+    /// connection); raised under the `upstream` lock, so a request seen before
+    /// `set_upstream` returns is counted here.
     in_flight: AtomicUsize,
 }
 
@@ -53,13 +59,14 @@ impl Drop for InFlight {
 }
 
 impl CancelKey {
-    /// Waits (up to `max`) for cancel requests being forwarded to this session's connection,
-    /// so that none reaches the connection's next user.
-    pub async fn settle(&self, max: Duration) {
+    /// Waits (up to the upstream's connect timeout, which bounds a forward) for cancel
+    /// requests being forwarded to this session's connection, so that none reaches the
+    /// connection's next user.
+    pub async fn settle(&self) {
         if self.route.in_flight.load(Ordering::Acquire) == 0 {
             return;
         }
-        let deadline = tokio::time::Instant::now() + max;
+        let deadline = tokio::time::Instant::now() + self.route.target.connect_timeout;
         while self.route.in_flight.load(Ordering::Acquire) > 0
             && tokio::time::Instant::now() < deadline
         {
@@ -84,8 +91,13 @@ impl Drop for CancelKey {
 }
 
 impl CancelRegistry {
-    /// Issues a fresh (pid, secret) for a session whose upstream key is `upstream`.
-    pub fn register(self: &Arc<Self>, upstream: Option<(i32, i32)>) -> CancelKey {
+    /// Issues a fresh (pid, secret) for a session whose upstream key is `upstream`, on
+    /// `target`.
+    pub fn register(
+        self: &Arc<Self>,
+        upstream: Option<(i32, i32)>,
+        target: Arc<UpstreamTarget>,
+    ) -> CancelKey {
         let mut rng = rand::rng();
         let mut entries = self.entries.lock().expect("cancel registry lock");
         let pid = loop {
@@ -97,6 +109,7 @@ impl CancelRegistry {
         let secret = rng.random::<i32>();
         let route = Arc::new(Route {
             upstream: Mutex::new(upstream),
+            target,
             in_flight: AtomicUsize::new(0),
         });
         entries.insert(
@@ -114,9 +127,10 @@ impl CancelRegistry {
         }
     }
 
-    /// The upstream (pid, secret) for a client's cancel key, if the key is right, with the
-    /// mark that keeps the connection from changing hands until the request is sent.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<((i32, i32), InFlight)> {
+    /// Where a client's cancel key leads, if the key is right and no cancel for it is on its
+    /// way already: the upstream (pid, secret) and target, with the mark that keeps the
+    /// connection from changing hands until the request is sent.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<(Forward, InFlight)> {
         let entries = self.entries.lock().expect("cancel registry lock");
         let entry = entries.get(&pid)?;
         let matches: bool = entry
@@ -132,24 +146,60 @@ impl CancelRegistry {
         let upstream = {
             let upstream = route.upstream.lock().expect("cancel route lock");
             let upstream = (*upstream)?;
-            route.in_flight.fetch_add(1, Ordering::AcqRel);
+            route
+                .in_flight
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .ok()?;
             upstream
         };
-        Some((upstream, InFlight(route)))
+        let forward = Forward {
+            pid: upstream.0,
+            secret: upstream.1,
+            target: route.target.clone(),
+        };
+        Some((forward, InFlight(route)))
     }
+}
+
+/// A cancel request to send upstream.
+#[derive(Debug)]
+pub struct Forward {
+    pub pid: i32,
+    pub secret: i32,
+    pub target: Arc<UpstreamTarget>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn target() -> Arc<UpstreamTarget> {
+        Arc::new(UpstreamTarget {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            tls: pgbastion_wire::tls::UpstreamTlsMode::Disable,
+            connect_timeout: Duration::from_secs(5),
+            auth_methods: pgbastion_wire::upstream::AuthMethods {
+                scram_sha_256: true,
+                md5: false,
+                password: false,
+                trust: false,
+            },
+        })
+    }
+
     #[test]
     fn only_the_right_key_maps_to_the_upstream_and_it_expires_with_the_session() {
         let registry = Arc::new(CancelRegistry::default());
-        let key = registry.register(Some((4242, 7)));
-        let (upstream, in_flight) = registry.lookup(key.pid, key.secret).unwrap();
-        assert_eq!(upstream, (4242, 7));
+        let key = registry.register(Some((4242, 7)), target());
+        let (forward, in_flight) = registry.lookup(key.pid, key.secret).unwrap();
+        assert_eq!((forward.pid, forward.secret), (4242, 7));
+        assert_eq!(forward.target.port, 5432);
         assert_eq!(key.route.in_flight.load(Ordering::Acquire), 1);
+        assert!(
+            registry.lookup(key.pid, key.secret).is_none(),
+            "one cancel in flight per key"
+        );
         drop(in_flight);
         assert_eq!(key.route.in_flight.load(Ordering::Acquire), 0);
         assert!(registry

@@ -99,8 +99,9 @@ pub(crate) struct ClientToUpstream<'a> {
     /// then would be skipped upstream after an error and never answered, which would put the
     /// count of ReadyForQuery messages out of step: such a session is ended instead.
     unsynced: bool,
-    /// The message being handled is the first since the last Sync (or a Query).
-    first_in_group: bool,
+    /// A request that may have set sequence values (a write, `nextval`, `setval`) went
+    /// upstream since the current connection was attached (transaction pooling).
+    sequences_set_here: bool,
     /// Bytes read from the client.
     pub bytes: u64,
 }
@@ -157,7 +158,7 @@ impl<'a> ClientToUpstream<'a> {
             passthrough: 0,
             skipping: false,
             unsynced: false,
-            first_in_group: true,
+            sequences_set_here: false,
             bytes: 0,
         }
     }
@@ -171,6 +172,7 @@ impl<'a> ClientToUpstream<'a> {
     /// Starts forwarding to a connection (transaction pooling).
     pub fn attach(&mut self, upstream: WriteHalf<UpstreamStream>) {
         self.upstream = Some(upstream);
+        self.sequences_set_here = false;
     }
 
     /// Gives the connection back (after a release, or at the end).
@@ -250,7 +252,6 @@ impl<'a> ClientToUpstream<'a> {
                 Ok(None) => break,
                 Err(err) => return Ok(Some(Ended::Refused(Refusal::from(err)))),
             };
-            self.first_in_group = !self.unsynced;
             let available = buf.len() - ready;
             // Transaction pooling between transactions: a connection is taken once a message
             // is whole (or a large one starts streaming), never for a part of one, which
@@ -672,15 +673,19 @@ impl<'a> ClientToUpstream<'a> {
         result
     }
 
-    /// Under transaction pooling, whether the request being decided starts a transaction on
-    /// a connection the session may not have had before: the session is not pinned, nothing
-    /// is in flight or open, and nothing precedes the message in its pipeline.
-    fn starts_transaction(&self) -> bool {
-        if !self.transaction_pool || !self.first_in_group {
-            return false;
-        }
-        let ledger = self.ledger.lock().expect("ledger lock");
-        ledger.releasing && ledger.sent == ledger.ready && ledger.status == b'I'
+    /// Under transaction pooling, whether `currval`/`lastval` now would read sequence values
+    /// the session did not set: it is not pinned, and nothing it sent on the connection it
+    /// holds (if any) could have set them. (A pinned session keeps its connection, as in
+    /// session mode.)
+    fn sequence_values_foreign(&self) -> bool {
+        self.transaction_pool
+            && !self.sequences_set_here
+            && self.ledger.lock().expect("ledger lock").releasing
+    }
+
+    /// Notes what an allowed request may do to sequence values on the connection.
+    fn note_sequences(&mut self, sets: bool) {
+        self.sequences_set_here |= sets;
     }
 
     async fn decide_inner(&mut self, tag: u8, body: &[u8]) -> Result<(), Report> {
@@ -723,9 +728,10 @@ impl<'a> ClientToUpstream<'a> {
         if let Decision::Deny(denial) = decision {
             return Err(denial_report(denial.clone()));
         }
-        if effects.reads_earlier_sequence_values && self.starts_transaction() {
+        if effects.reads_earlier_sequence_values && self.sequence_values_foreign() {
             return Err(earlier_sequence_values());
         }
+        self.note_sequences(effects.sets_sequence_values);
         for schema in &effects.search_path {
             self.widen_search_path(schema.clone());
         }
@@ -789,6 +795,7 @@ impl<'a> ClientToUpstream<'a> {
             policy: self.policy.name.as_str().into(),
             policy_version: self.policy.version.as_str().into(),
             reads_earlier_sequence_values: verdict.1.reads_earlier_sequence_values,
+            sets_sequence_values: verdict.1.sets_sequence_values,
         })
     }
 
@@ -803,6 +810,7 @@ impl<'a> ClientToUpstream<'a> {
             policy: self.policy.name.as_str().into(),
             policy_version: self.policy.version.as_str().into(),
             reads_earlier_sequence_values: false,
+            sets_sequence_values: false,
         })
     }
 
@@ -1011,12 +1019,11 @@ impl<'a> ClientToUpstream<'a> {
         self.take_rate()?;
         let catalog = self.current_catalog(None).await?;
         let about = self.redecide(name, catalog.as_deref())?;
-        if about
-            .as_ref()
-            .is_some_and(|a| a.reads_earlier_sequence_values)
-            && self.starts_transaction()
-        {
-            return Err(earlier_sequence_values());
+        if let Some(about) = &about {
+            if about.reads_earlier_sequence_values && self.sequence_values_foreign() {
+                return Err(earlier_sequence_values());
+            }
+            self.note_sequences(about.sets_sequence_values);
         }
         match portal {
             "" => self.unnamed_portal = about,

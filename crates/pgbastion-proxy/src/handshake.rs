@@ -9,7 +9,7 @@ use crate::relay::Session;
 use crate::reply::Refusal;
 use bytes::BytesMut;
 use pgbastion_audit::{Event, Outcome};
-use pgbastion_auth::{Grant, Identity};
+use pgbastion_auth::{AuthError, Grant, Identity};
 use pgbastion_config::PoolMode;
 use pgbastion_wire::accept::{accept, AcceptSettings, FirstContact, StartupMessage, PROTOCOL_3_0};
 use pgbastion_wire::frame::read_message;
@@ -243,7 +243,11 @@ async fn handshake(
     let identity = match shared.verifier.verify(&token, &user).await {
         Ok(identity) => identity,
         Err(err) => {
-            shared.limits.authentication_failed(peer.ip());
+            // Counted against the client only when the token is at fault, not when the
+            // issuer's keys could not be had.
+            if !matches!(err, AuthError::KeysUnavailable { .. }) {
+                shared.limits.authentication_failed(peer.ip());
+            }
             let refusal = refused(shared, conn, &audit, None, None, Refusal::Auth(err)).await;
             return Err((Some(stream), refusal));
         }
@@ -411,10 +415,13 @@ async fn handshake(
     let login_role = login_role.to_string();
     // Under transaction pooling the login's connection goes back to the pool below: a cancel
     // request must not find it.
-    let cancel = shared.cancels.register(match mode {
-        PoolMode::Session => upstream.key(),
-        _ => None,
-    });
+    let cancel = shared.cancels.register(
+        match mode {
+            PoolMode::Session => upstream.key(),
+            _ => None,
+        },
+        Arc::new(settings.upstream.clone()),
+    );
     let mut out = BytesMut::with_capacity(512);
     messages::auth_ok(&mut out);
     // The upstream's real ParameterStatus values (server_version, session_authorization, ...)
@@ -518,15 +525,16 @@ async fn request_password(
 
 async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     match shared.cancels.lookup(pid, secret) {
-        Some(((upstream_pid, upstream_secret), _in_flight)) => {
-            if let Err(err) =
-                upstream::cancel(&shared.settings().upstream, upstream_pid, upstream_secret).await
-            {
+        Some((forward, _in_flight)) => {
+            if let Err(err) = upstream::cancel(&forward.target, forward.pid, forward.secret).await {
                 tracing::warn!(error = %err, "forwarding a cancel request failed");
             } else {
                 tracing::info!(pid, "cancel request forwarded upstream");
             }
         }
-        None => tracing::info!(pid, "cancel request with an unknown key ignored"),
+        None => tracing::info!(
+            pid,
+            "cancel request ignored: unknown key, nothing running, or one already on its way"
+        ),
     }
 }

@@ -108,6 +108,7 @@ impl Limits {
 
     /// Whether `peer` may try to authenticate now (it is not blocked for failing too often).
     pub fn may_authenticate(&self, peer: IpAddr) -> Result<(), Limited> {
+        let peer = failure_key(peer);
         let mut blocked = self.blocked.lock().expect("limits lock");
         match blocked.get(&peer) {
             Some(until) if *until > Instant::now() => Err(Limited {
@@ -127,6 +128,7 @@ impl Limits {
 
     /// Counts a failed authentication from `peer`; over the quota it is blocked for a while.
     pub fn authentication_failed(&self, peer: IpAddr) {
+        let peer = failure_key(peer);
         if self.failures.len() > MAX_TRACKED_PEERS {
             self.failures.retain_recent();
         }
@@ -220,9 +222,47 @@ impl StatementRate {
     }
 }
 
+/// What failed authentications are counted against: the address, or for IPv6 its /64
+/// network (one host may hold all of it, and would otherwise never be blocked).
+fn failure_key(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_peers_are_counted_by_their_64_bit_network() {
+        let limits = Limits::new(1);
+        let first: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        limits.authentication_failed(first);
+        limits.authentication_failed(first);
+        assert!(limits.may_authenticate(first).is_err());
+        // Another address of the same /64: blocked too; another /64: not.
+        assert!(limits
+            .may_authenticate("2001:db8:1:2:ffff::7".parse().unwrap())
+            .is_err());
+        assert!(limits
+            .may_authenticate("2001:db8:1:3::1".parse().unwrap())
+            .is_ok());
+        // IPv4 seen through an IPv6 socket counts as the IPv4 address.
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        limits.authentication_failed(mapped);
+        limits.authentication_failed(mapped);
+        assert!(limits
+            .may_authenticate("192.0.2.1".parse().unwrap())
+            .is_err());
+        assert!(limits
+            .may_authenticate("192.0.2.2".parse().unwrap())
+            .is_ok());
+    }
 
     #[test]
     fn connection_slots_are_returned() {

@@ -45,8 +45,10 @@ pub struct About {
     pub relations: Arc<[String]>,
     pub policy: Arc<str>,
     pub policy_version: Arc<str>,
-    /// It reads `currval`/`lastval` before it could set them (see `Effects`).
+    /// It reads `currval`/`lastval` before it could set them, or it may set them (see
+    /// `Effects`).
     pub reads_earlier_sequence_values: bool,
+    pub sets_sequence_values: bool,
 }
 
 /// A forwarded message whose outcome is not known yet; `group` numbers the ReadyForQuery
@@ -307,6 +309,7 @@ mod tests {
             policy: "p".into(),
             policy_version: "1".into(),
             reads_earlier_sequence_values: false,
+            sets_sequence_values: false,
         };
         Approved::new(kind, 1, Arc::new(about))
     }

@@ -273,7 +273,7 @@ impl Session {
                         released.statements =
                             std::mem::take(&mut ledger.lock().expect("ledger lock").connection);
                         cancel.set_upstream(None);
-                        cancel.settle(settings.upstream.connect_timeout).await;
+                        cancel.settle().await;
                         Pools::release(read.unsplit(write), released, &shared);
                     }
                     Ended::NeedUpstream => {
@@ -359,7 +359,7 @@ impl Session {
         let clean = matches!(ended, Ended::ClientTerminated) && between_requests && idle;
         let pinned = transaction_pool && !ledger.lock().expect("ledger lock").releasing;
         cancel.set_upstream(None);
-        cancel.settle(settings.upstream.connect_timeout).await;
+        cancel.settle().await;
         match (upstream, lease) {
             (Some(stream), Some(mut lease)) => {
                 lease.statements =
