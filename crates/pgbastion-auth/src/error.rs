@@ -49,7 +49,20 @@ pub enum AuthError {
     },
 }
 
+/// The note of an unknown key when the issuer's keys could not be fetched again.
+pub(crate) const REFETCH_FAILED: &str = " (and its keys could not be refetched)";
+
 impl AuthError {
+    /// The failure is the identity provider's (its keys could not be had), not the token's:
+    /// it is not held against the client.
+    pub fn issuer_at_fault(&self) -> bool {
+        match self {
+            AuthError::KeysUnavailable { .. } => true,
+            AuthError::UnknownKey { note, .. } => *note == REFETCH_FAILED,
+            _ => false,
+        }
+    }
+
     pub fn kind(&self) -> FailureKind {
         match self {
             AuthError::UntrustedIssuer(_)

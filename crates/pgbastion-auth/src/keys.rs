@@ -143,7 +143,7 @@ impl IssuerKeys {
                 }
                 Err(err) => {
                     tracing::warn!(issuer = %self.config.issuer, error = %err, "refetching signing keys failed");
-                    note = " (and its keys could not be refetched)";
+                    note = crate::error::REFETCH_FAILED;
                 }
             }
         }

@@ -313,16 +313,18 @@ fn leaves_session_state(info: &StatementInfo) -> bool {
         .any(|call| SESSION_FUNCTIONS.contains(&call.name.name.as_str()))
 }
 
-/// Whether a statement calling `currval` or `lastval` comes before any that could call
-/// `nextval` or `setval` (a write, through a column default, or the functions themselves).
-/// One statement that does both is taken to set before it reads.
+/// Whether a statement calling `currval` or `lastval` comes before any that could set
+/// sequence values (a write, through a column default; `nextval`, `setval`). Within one
+/// statement the order of evaluation is not known, so one that reads counts as reading
+/// first (`INSERT ... VALUES (currval(...))` after an `INSERT` in the same request is fine;
+/// on its own it reads another client's value).
 fn reads_earlier_sequence_values(statements: &[StatementInfo]) -> bool {
     for info in statements {
-        if sets_sequence_values(info) {
-            return false;
-        }
         if calls(info, &["currval", "lastval"]) {
             return true;
+        }
+        if sets_sequence_values(info) {
+            return false;
         }
     }
     false

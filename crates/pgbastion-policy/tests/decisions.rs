@@ -882,13 +882,15 @@ fn reading_sequence_values_before_setting_them_is_told_apart() {
         "SELECT pg_catalog.lastval()",
         "BEGIN; SELECT lastval()",
         "SELECT 1; SELECT currval('ids')",
+        "SELECT nextval('ids'), lastval()",
+        "INSERT INTO orders (id) VALUES (currval('ids'))",
     ] {
         assert!(reads_earlier(sql), "{sql} reads values it did not set");
     }
     for sql in [
         "SELECT 1",
-        "SELECT nextval('ids'), lastval()",
         "SELECT nextval('ids'); SELECT lastval()",
+        "INSERT INTO orders (amount) VALUES (1); INSERT INTO orders (id) VALUES (currval('ids'))",
         "INSERT INTO orders (amount) VALUES (1); SELECT lastval()",
         "SELECT setval('ids', 10); SELECT currval('ids')",
     ] {

@@ -5,7 +5,7 @@
 use pgbastion_wire::upstream::UpstreamTarget;
 use rand::Rng;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
@@ -31,6 +31,8 @@ struct Route {
     /// connection); raised under the `upstream` lock, so a request seen before
     /// `set_upstream` returns is counted here.
     in_flight: AtomicUsize,
+    /// A cancel arrived while one was on its way: if that one fails, it is sent again.
+    again: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +53,14 @@ pub struct CancelKey {
 /// else while it exists (see `CancelKey::settle`).
 #[derive(Debug)]
 pub struct InFlight(Arc<Route>);
+
+impl InFlight {
+    /// Whether another cancel for the same key arrived while this one was on its way (and
+    /// so should be tried again if this one failed).
+    pub fn asked_again(&self) -> bool {
+        self.0.again.swap(false, Ordering::AcqRel)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -111,6 +121,7 @@ impl CancelRegistry {
             upstream: Mutex::new(upstream),
             target,
             in_flight: AtomicUsize::new(0),
+            again: AtomicBool::new(false),
         });
         entries.insert(
             pid,
@@ -146,10 +157,14 @@ impl CancelRegistry {
         let upstream = {
             let upstream = route.upstream.lock().expect("cancel route lock");
             let upstream = (*upstream)?;
-            route
+            if route
                 .in_flight
                 .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-                .ok()?;
+                .is_err()
+            {
+                route.again.store(true, Ordering::Release);
+                return None;
+            }
             upstream
         };
         let forward = Forward {
@@ -196,10 +211,13 @@ mod tests {
         assert_eq!((forward.pid, forward.secret), (4242, 7));
         assert_eq!(forward.target.port, 5432);
         assert_eq!(key.route.in_flight.load(Ordering::Acquire), 1);
+        assert!(!in_flight.asked_again());
         assert!(
             registry.lookup(key.pid, key.secret).is_none(),
             "one cancel in flight per key"
         );
+        assert!(in_flight.asked_again(), "the second is remembered");
+        assert!(!in_flight.asked_again());
         drop(in_flight);
         assert_eq!(key.route.in_flight.load(Ordering::Acquire), 0);
         assert!(registry

@@ -728,10 +728,11 @@ impl<'a> ClientToUpstream<'a> {
         if let Decision::Deny(denial) = decision {
             return Err(denial_report(denial.clone()));
         }
-        if effects.reads_earlier_sequence_values && self.sequence_values_foreign() {
+        // A Query runs now; a Parse only when bound (checked in `check_bind`).
+        let runs = tag == b'Q';
+        if runs && effects.reads_earlier_sequence_values && self.sequence_values_foreign() {
             return Err(earlier_sequence_values());
         }
-        self.note_sequences(effects.sets_sequence_values);
         for schema in &effects.search_path {
             self.widen_search_path(schema.clone());
         }
@@ -750,7 +751,11 @@ impl<'a> ClientToUpstream<'a> {
                 _ => {}
             }
         }
-        self.record(&request, &verdict)
+        self.record(&request, &verdict)?;
+        if runs {
+            self.note_sequences(effects.sets_sequence_values);
+        }
+        Ok(())
     }
 
     fn widen_search_path(&mut self, schema: String) {
@@ -1019,12 +1024,15 @@ impl<'a> ClientToUpstream<'a> {
         self.take_rate()?;
         let catalog = self.current_catalog(None).await?;
         let about = self.redecide(name, catalog.as_deref())?;
-        if let Some(about) = &about {
-            if about.reads_earlier_sequence_values && self.sequence_values_foreign() {
-                return Err(earlier_sequence_values());
-            }
-            self.note_sequences(about.sets_sequence_values);
+        let sets = about.as_ref().is_some_and(|a| a.sets_sequence_values);
+        if about
+            .as_ref()
+            .is_some_and(|a| a.reads_earlier_sequence_values)
+            && self.sequence_values_foreign()
+        {
+            return Err(earlier_sequence_values());
         }
+        self.note_sequences(sets);
         match portal {
             "" => self.unnamed_portal = about,
             named => {
@@ -1332,15 +1340,16 @@ fn catalog_unavailable(error: String) -> Report {
     .hint("try again shortly; if it persists, tell the pgbastion operator")
 }
 
-/// The refusal of `currval`/`lastval` at the start of a transaction under transaction
-/// pooling: the values the upstream session last saw are whichever client's ran there.
+/// The refusal of `currval`/`lastval` under transaction pooling before the session set
+/// sequence values on its connection: the values the upstream session last saw are
+/// whichever client's ran there.
 fn earlier_sequence_values() -> Report {
     Report::new(
         Severity::Error,
         codes::FEATURE_NOT_SUPPORTED,
-        "currval() and lastval() at the start of a transaction would read another client's \
-         sequence values: this session is transaction-pooled, so its earlier nextval() may \
-         have run on another connection",
+        "currval() and lastval() here would read sequence values another client set: this \
+         session is transaction-pooled and has set none on the connection it has now (its \
+         earlier nextval() may have run on another connection)",
     )
     .detail("rule: transaction_pooling")
     .hint(

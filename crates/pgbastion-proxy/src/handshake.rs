@@ -9,7 +9,7 @@ use crate::relay::Session;
 use crate::reply::Refusal;
 use bytes::BytesMut;
 use pgbastion_audit::{Event, Outcome};
-use pgbastion_auth::{AuthError, Grant, Identity};
+use pgbastion_auth::{Grant, Identity};
 use pgbastion_config::PoolMode;
 use pgbastion_wire::accept::{accept, AcceptSettings, FirstContact, StartupMessage, PROTOCOL_3_0};
 use pgbastion_wire::frame::read_message;
@@ -133,7 +133,10 @@ async fn handshake(
     let settings = shared.settings();
     // One deadline from accept to the password: a client trickling bytes holds its place for
     // auth_timeout at most. A connection over the limit only gets long enough to be told so.
-    let deadline = Instant::now() + settings.config.client.auth_timeout;
+    // (A timeout too large to add means no deadline to speak of: a year.)
+    let deadline = Instant::now()
+        .checked_add(settings.config.client.auth_timeout)
+        .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(365 * 86_400));
     let accept_deadline = match &slot {
         Ok(_) => deadline,
         Err(_) => deadline.min(Instant::now() + OVER_LIMIT_STARTUP),
@@ -245,7 +248,7 @@ async fn handshake(
         Err(err) => {
             // Counted against the client only when the token is at fault, not when the
             // issuer's keys could not be had.
-            if !matches!(err, AuthError::KeysUnavailable { .. }) {
+            if !err.issuer_at_fault() {
                 shared.limits.authentication_failed(peer.ip());
             }
             let refusal = refused(shared, conn, &audit, None, None, Refusal::Auth(err)).await;
@@ -525,16 +528,21 @@ async fn request_password(
 
 async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     match shared.cancels.lookup(pid, secret) {
-        Some((forward, _in_flight)) => {
-            if let Err(err) = upstream::cancel(&forward.target, forward.pid, forward.secret).await {
-                tracing::warn!(error = %err, "forwarding a cancel request failed");
-            } else {
-                tracing::info!(pid, "cancel request forwarded upstream");
+        Some((forward, in_flight)) => {
+            let mut result = upstream::cancel(&forward.target, forward.pid, forward.secret).await;
+            if result.is_err() && in_flight.asked_again() {
+                // The client asked again meanwhile: one more try for it.
+                result = upstream::cancel(&forward.target, forward.pid, forward.secret).await;
+            }
+            match result {
+                Err(err) => tracing::warn!(error = %err, "forwarding a cancel request failed"),
+                Ok(()) => tracing::info!(pid, "cancel request forwarded upstream"),
             }
         }
         None => tracing::info!(
             pid,
-            "cancel request ignored: unknown key, nothing running, or one already on its way"
+            "cancel request ignored: unknown key, nothing running, or one already on its way \
+             (tried again if that one fails)"
         ),
     }
 }

@@ -114,7 +114,8 @@ impl Limits {
             Some(until) if *until > Instant::now() => Err(Limited {
                 limit: "auth_attempts_per_minute",
                 message: format!(
-                    "too many failed authentications from {peer}; retry in {} s",
+                    "too many failed authentications from {}; retry in {} s",
+                    shown(peer),
                     until.duration_since(Instant::now()).as_secs() + 1
                 ),
             }),
@@ -219,6 +220,14 @@ impl StatementRate {
                 ),
             }
         })
+    }
+}
+
+/// A counted peer as shown in messages: an IPv6 /64 as a network.
+fn shown(key: IpAddr) -> String {
+    match key {
+        IpAddr::V4(_) => key.to_string(),
+        IpAddr::V6(_) => format!("{key}/64"),
     }
 }
 
