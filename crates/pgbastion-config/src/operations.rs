@@ -92,7 +92,9 @@ pub struct Limits {
     /// Client connections at most (authenticated or not).
     #[serde(default = "defaults::max_client_connections")]
     pub max_client_connections: usize,
-    /// Authentication attempts per minute from one peer address (token guessing).
+    /// Failed token verifications per minute from one peer address (an IPv6 peer: its /64),
+    /// not counting failures because the issuer's keys could not be fetched; over it the
+    /// peer is refused for a while.
     #[serde(default = "defaults::auth_attempts_per_minute")]
     pub auth_attempts_per_minute: u32,
 }

@@ -12,7 +12,8 @@ pub enum PoolMode {
     /// For its whole session.
     Session,
     /// For each transaction; a session that creates session state (SET, LISTEN, PREPARE,
-    /// temporary tables, ...) keeps its connection from then on.
+    /// temporary tables, ...) keeps its connection from then on, and currval()/lastval()
+    /// are refused until the session has set a sequence value on the connection it holds.
     Transaction,
 }
 
@@ -52,7 +53,8 @@ pub struct Pool {
     /// (every reuse first checks that the socket holds no unexpected bytes and is open).
     #[serde(default = "defaults::health_check_after", with = "crate::duration")]
     pub health_check_after: Duration,
-    /// Run on a connection before it goes back to the pool; it must leave no session state.
+    /// Run on a connection before it goes back to the pool: it must drop prepared statements
+    /// (pgbastion assumes none remain) and reset settings, as DISCARD ALL does.
     #[serde(default = "defaults::reset_query")]
     pub reset_query: String,
     /// Per login role (the mapped role, or the gateway role): `mode` and `max_size`.

@@ -69,14 +69,14 @@ impl Drop for InFlight {
 }
 
 impl CancelKey {
-    /// Waits (up to the upstream's connect timeout, which bounds a forward) for cancel
-    /// requests being forwarded to this session's connection, so that none reaches the
-    /// connection's next user.
+    /// Waits for cancel requests being forwarded to this session's connection, so that
+    /// none reaches the connection's next user: up to twice the upstream's connect timeout,
+    /// which bounds a forward and its one retry.
     pub async fn settle(&self) {
         if self.route.in_flight.load(Ordering::Acquire) == 0 {
             return;
         }
-        let deadline = tokio::time::Instant::now() + self.route.target.connect_timeout;
+        let deadline = tokio::time::Instant::now() + self.route.target.connect_timeout * 2;
         while self.route.in_flight.load(Ordering::Acquire) > 0
             && tokio::time::Instant::now() < deadline
         {
@@ -165,6 +165,7 @@ impl CancelRegistry {
                 route.again.store(true, Ordering::Release);
                 return None;
             }
+            route.again.store(false, Ordering::Release);
             upstream
         };
         let forward = Forward {

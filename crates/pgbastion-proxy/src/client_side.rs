@@ -1353,7 +1353,7 @@ fn earlier_sequence_values() -> Report {
     )
     .detail("rule: transaction_pooling")
     .hint(
-        "use INSERT ... RETURNING, or call it in the same transaction (or the same query) as \
-         the nextval() it reads; or use session pooling for this role",
+        "use INSERT ... RETURNING, or call it in a later statement of the same transaction or \
+         query string as the nextval() it reads; or use session pooling for this role",
     )
 }
