@@ -469,3 +469,33 @@ async fn statements_prepared_again_after_discard_all_run() {
         assert_eq!(row.get::<_, i32>(0), 3);
     }
 }
+
+/// A session only runs its own statements: SQL EXECUTE, and EXPLAIN EXECUTE (which shows a
+/// plan without running it), of a statement another session prepared on the shared
+/// connection are refused with 26000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_sessions_statement_cannot_be_executed_or_explained() {
+    let h = transaction_harness(1).await;
+    let owner = h.connect("carol", &h.token("carol")).await.unwrap();
+    let statement = owner
+        .prepare("SELECT $1::int4 * 2 FROM orders")
+        .await
+        .unwrap();
+    owner.query(&statement, &[&1i32]).await.unwrap();
+    let name = one(
+        &owner,
+        "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%* 2 FROM orders%'",
+    )
+    .await;
+    assert!(name.starts_with("pgbastion_"), "{name}");
+    let other = h.connect("carol", &h.token("carol")).await.unwrap();
+    for sql in [
+        format!("EXECUTE {name}(1)"),
+        format!("EXPLAIN EXECUTE {name}(1)"),
+    ] {
+        let err = other.simple_query(&sql).await.unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "26000", "{sql}: {err:?}");
+    }
+    // The owner's statement still works.
+    owner.query(&statement, &[&2i32]).await.unwrap();
+}

@@ -174,6 +174,16 @@ fn top_level(statement: &Statement, info: &mut StatementInfo) {
                 // Without ANALYZE nothing runs: what the inner statement would do is not done.
                 info.classes.clear();
                 info.writes.clear();
+                // But EXPLAIN EXECUTE plans a prepared statement, which must be one the
+                // session may run (under transaction pooling, its own).
+                if let Statement::Execute {
+                    name: Some(name), ..
+                } = statement.as_ref()
+                {
+                    if let Some(name) = Name::from_object(name) {
+                        info.executes.push(name.name);
+                    }
+                }
             }
             Read
         }

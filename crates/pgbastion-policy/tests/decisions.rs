@@ -2,8 +2,8 @@
 
 use pgbastion_config::Policy;
 use pgbastion_policy::{
-    decide, decide_with_effects, Catalog, CompiledPolicy, Decision, Effects, Fact, Principal,
-    Request,
+    decide, decide_with_effects, Catalog, CompiledPolicy, Decision, Effects, Fact, PreparedOp,
+    Principal, Request,
 };
 
 fn policy(name: &str, toml_text: &str) -> CompiledPolicy {
@@ -905,5 +905,16 @@ fn reading_sequence_values_before_setting_them_is_told_apart() {
         ("UPDATE orders SET amount = 2 WHERE id = 1", true),
     ] {
         assert_eq!(admin_effects(sql).sets_sequence_values, sets, "{sql}");
+    }
+}
+
+#[test]
+fn explain_execute_names_the_statement_it_plans() {
+    for sql in ["EXPLAIN EXECUTE q(1)", "EXPLAIN (ANALYZE) EXECUTE q(1)"] {
+        assert_eq!(
+            admin_effects(sql).prepared,
+            [PreparedOp::Execute("q".into())],
+            "{sql}"
+        );
     }
 }
