@@ -213,14 +213,22 @@ impl Harness {
         (status, body)
     }
 
-    /// `pgbastion_pool_events_total` for `event`, from the admin listener's /metrics.
-    pub async fn pool_events(&self, event: &str) -> u64 {
-        let (_, metrics) = self.admin_get("/metrics").await;
-        let prefix = format!("pgbastion_pool_events_total{{event=\"{event}\"}} ");
+    /// The value of the sample `series` (a metric's name with its labels, as written) on
+    /// the admin listener's /metrics, if it is there.
+    pub async fn metric(&self, series: &str) -> Option<u64> {
+        let (status, metrics) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "{metrics}");
+        let prefix = format!("{series} ");
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .map(|n| n.parse().unwrap())
+    }
+
+    /// `pgbastion_pool_events_total` for `event` (0 until it first happens).
+    pub async fn pool_events(&self, event: &str) -> u64 {
+        self.metric(&format!("pgbastion_pool_events_total{{event=\"{event}\"}}"))
+            .await
             .unwrap_or(0)
     }
 

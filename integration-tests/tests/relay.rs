@@ -213,15 +213,10 @@ async fn a_function_call_message_is_refused_and_the_session_continues() {
     assert_eq!(tags, b"TDCZ");
 }
 
-/// The `pgbastion_busy_poll_rounds_total` counter, from /metrics.
 async fn busy_poll_rounds(h: &Harness) -> u64 {
-    let (status, body) = h.admin_get("/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix("pgbastion_busy_poll_rounds_total "))
-        .unwrap_or_else(|| panic!("no busy polling counter in\n{body}"))
-        .parse()
-        .unwrap()
+    h.metric("pgbastion_busy_poll_rounds_total")
+        .await
+        .expect("the busy polling counter")
 }
 
 /// `[runtime] busy_poll` on the single-threaded runtime (as `serve` runs with worker_threads

@@ -195,12 +195,7 @@ mod tests {
             port: 5432,
             tls: pgbastion_wire::tls::UpstreamTlsMode::Disable,
             connect_timeout: Duration::from_secs(5),
-            auth_methods: pgbastion_wire::upstream::AuthMethods {
-                scram_sha_256: true,
-                md5: false,
-                password: false,
-                trust: false,
-            },
+            auth_methods: pgbastion_wire::upstream::AuthMethods::SCRAM_ONLY,
         })
     }
 

@@ -423,7 +423,7 @@ async fn handshake(
             PoolMode::Session => upstream.key(),
             _ => None,
         },
-        Arc::new(settings.upstream.clone()),
+        settings.upstream.clone(),
     );
     let mut out = BytesMut::with_capacity(512);
     messages::auth_ok(&mut out);

@@ -43,7 +43,7 @@ pub(crate) struct Shared {
     /// Set at the end of the drain: sessions still running end with 57P01.
     pub terminate: watch::Receiver<bool>,
     /// `[runtime] busy_poll`, when on and the runtime is single-threaded.
-    busy_poll: Option<BusyPoll>,
+    busy_poll: Option<Arc<BusyPoll>>,
 }
 
 impl Shared {
@@ -89,7 +89,7 @@ impl Shared {
             keys: self.verifier.key_status(),
             config_generation: self.generation(),
             pools: self.pools.status(),
-            busy_poll_rounds: self.busy_poll.as_ref().map(BusyPoll::rounds),
+            busy_poll_rounds: self.busy_poll.as_deref().map(BusyPoll::rounds),
         }
     }
 }
@@ -204,14 +204,11 @@ impl Proxy {
             .admin
             .map(|listener| tokio::spawn(admin::serve(listener, self.shared.clone())));
         let maintenance = tokio::spawn(maintain_pools(self.shared.clone()));
-        let polling = self.shared.busy_poll.is_some().then(|| {
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                if let Some(busy) = &shared.busy_poll {
-                    busy.run().await;
-                }
-            })
-        });
+        let polling = self
+            .shared
+            .busy_poll
+            .clone()
+            .map(|busy| tokio::spawn(async move { busy.run().await }));
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -351,7 +348,7 @@ impl ProxyHandle {
 }
 
 /// Busy polling, if configured and possible on this runtime (see `busy_poll`).
-fn busy_poll(window: Duration) -> Option<BusyPoll> {
+fn busy_poll(window: Duration) -> Option<Arc<BusyPoll>> {
     if window.is_zero() {
         return None;
     }
@@ -362,7 +359,7 @@ fn busy_poll(window: Duration) -> Option<BusyPoll> {
         );
         return None;
     }
-    Some(BusyPoll::new(window))
+    Some(Arc::new(BusyPoll::new(window)))
 }
 
 /// Whether two configuration sections are equal (compared by their serialised form: the

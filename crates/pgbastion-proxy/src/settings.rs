@@ -17,7 +17,8 @@ use std::sync::Arc;
 pub struct Settings {
     pub config: Config,
     pub client_tls: Option<Arc<ServerConfig>>,
-    pub upstream: UpstreamTarget,
+    /// Shared with the cancel routes of the sessions started under these settings.
+    pub upstream: Arc<UpstreamTarget>,
     pub role_passwords: BTreeMap<String, Secret>,
     /// Gateway mode's login role, when configured.
     pub gateway: Option<String>,
@@ -103,7 +104,7 @@ impl Settings {
             policies,
             config,
             client_tls,
-            upstream,
+            upstream: Arc::new(upstream),
             role_passwords,
             startup_parameters,
         })

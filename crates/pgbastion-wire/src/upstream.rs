@@ -44,6 +44,14 @@ pub struct AuthMethods {
 }
 
 impl AuthMethods {
+    /// `upstream.auth_methods`' default.
+    pub const SCRAM_ONLY: AuthMethods = AuthMethods {
+        scram_sha_256: true,
+        md5: false,
+        password: false,
+        trust: false,
+    };
+
     /// Refuses `method` unless it is allowed, with what to do about it.
     fn allow(&self, allowed: bool, method: &str, asks: &str) -> Result<(), UpstreamError> {
         if allowed {
@@ -336,9 +344,10 @@ async fn authenticate(
             }
             code => {
                 return Err(UpstreamError::Auth(format!(
-                "upstream asks for authentication method {code}, which pgbastion does not support \
-                     (upstream.auth_methods can allow scram-sha-256, md5, password or trust)"
-            )))
+                    "upstream asks for authentication method {code}, which pgbastion does not \
+                     support (upstream.auth_methods can allow scram-sha-256, md5, password or \
+                     trust)"
+                )))
             }
         }
         answered |= matches!(code, 3 | 5);
@@ -456,12 +465,7 @@ mod tests {
             port,
             tls: UpstreamTlsMode::Disable,
             connect_timeout: Duration::from_secs(5),
-            auth_methods: AuthMethods {
-                scram_sha_256: true,
-                md5: false,
-                password: false,
-                trust: false,
-            },
+            auth_methods: AuthMethods::SCRAM_ONLY,
         };
         (target, server)
     }
